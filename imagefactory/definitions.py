@@ -1,0 +1,347 @@
+"""Image definitions: ``images/<name>.yaml`` loaded into frozen, validated models.
+
+The schema is strict on purpose: an unknown key is far more often a typo than an
+extension, and a typo in a purge list or a check expectation would silently build
+an image that was never meant to exist.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.-]+\.?(service)?$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _fingerprints(values: list[str]) -> list[str]:
+    normalised = [v.replace(" ", "").upper() for v in values]
+    for raw, fpr in zip(values, normalised):
+        if not FINGERPRINT.match(fpr):
+            raise ValueError(f"{raw!r} is not a full 40-hex-digit OpenPGP fingerprint")
+    return normalised
+
+
+def _package_names(values: list[str]) -> list[str]:
+    for name in values:
+        if not PACKAGE_NAME.match(name):
+            raise ValueError(f"{name!r} is not a Debian package name")
+    return values
+
+
+# --- sources of the base image --------------------------------------------------------
+
+
+class ArchiveBase(Strict):
+    """A base built from the Ubuntu archive the way the cloud images are (mmdebstrap)."""
+
+    mirror: str = "http://archive.ubuntu.com/ubuntu"
+    pockets: list[str] = Field(min_length=1)
+    components: list[str] = ["main", "universe"]
+    keyring_fingerprints: list[str] = Field(min_length=1)
+    packages: list[str] = Field(min_length=1)
+    disk_size: str = "4G"
+
+    _fpr = field_validator("keyring_fingerprints")(_fingerprints)
+    _pkgs = field_validator("packages")(_package_names)
+
+    @field_validator("disk_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.match(r"^[1-9][0-9]*[MG]$", value):
+            raise ValueError(f"{value!r} is not a size like 4G or 3500M")
+        return value
+
+
+class CloudImageBase(Strict):
+    """Ubuntu's published cloud image, verified by SHA256SUMS and its GPG signature."""
+
+    url: str
+    sha256sums_url: str
+    signature_url: str
+    keyring_fingerprints: list[str] = Field(min_length=1)
+
+    _fpr = field_validator("keyring_fingerprints")(_fingerprints)
+
+
+class BaseSources(Strict):
+    archive: ArchiveBase
+    cloud_image: CloudImageBase | None = None
+
+
+# --- per-provider base image references and build settings ----------------------------
+
+
+class ProviderSettings(Strict):
+    # The kernel the provider's base image runs; checks compare against it.
+    kernel_flavour: str | None = None
+
+
+class QemuSettings(ProviderSettings):
+    source: Literal["archive", "cloud_image"] = "archive"
+    memory_mb: int = Field(default=2048, ge=512, le=16384)
+    cpus: int = Field(default=2, ge=1, le=64)
+
+
+class DigitalOceanSettings(ProviderSettings):
+    image: str
+    region: str = "nyc3"
+    size: str = "s-1vcpu-1gb"
+
+
+class AmazonSettings(ProviderSettings):
+    owner: str
+    name_filter: str
+    region: str = "us-east-1"
+    instance_type: str = "t3.micro"
+    ssh_username: str = "ubuntu"
+
+
+class AzureSettings(ProviderSettings):
+    publisher: str
+    offer: str
+    sku: str
+    location: str = "eastus"
+    vm_size: str = "Standard_B1s"
+    resource_group: str = "algo-images"
+
+
+class GoogleSettings(ProviderSettings):
+    family: str
+    image_project: str
+    zone: str = "us-central1-a"
+    machine_type: str = "e2-small"
+    ssh_username: str = "ubuntu"
+
+
+class HetznerSettings(ProviderSettings):
+    image: str
+    location: str = "fsn1"
+    server_type: str = "cx11"
+
+
+class ScalewaySettings(ProviderSettings):
+    image: str
+    zone: str = "fr-par-1"
+    commercial_type: str = "DEV1-S"
+
+
+class OpenStackSettings(ProviderSettings):
+    image_name: str
+    flavor: str = "m1.small"
+    networks: list[str] = []
+    ssh_username: str = "ubuntu"
+
+
+class Providers(Strict):
+    qemu: QemuSettings | None = None
+    digitalocean: DigitalOceanSettings | None = None
+    amazon_ebs: AmazonSettings | None = Field(default=None, alias="amazon-ebs")
+    azure_arm: AzureSettings | None = Field(default=None, alias="azure-arm")
+    googlecompute: GoogleSettings | None = None
+    hcloud: HetznerSettings | None = None
+    scaleway: ScalewaySettings | None = None
+    openstack: OpenStackSettings | None = None
+
+    def get(self, provider: str) -> ProviderSettings | None:
+        return getattr(self, provider.replace("-", "_"), None)
+
+    def names(self) -> list[str]:
+        return [
+            (field.alias or name)
+            for name, field in type(self).model_fields.items()
+            if getattr(self, name) is not None
+        ]
+
+
+# --- what the image carries ----------------------------------------------------------
+
+
+class Packages(Strict):
+    install: list[str] = Field(min_length=1)
+    purge: list[str] = []
+    # Pinned to priority -1 so that no dependency can bring them back.
+    pin_away: list[str] = []
+
+    _install = field_validator("install", "purge", "pin_away")(_package_names)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Packages:
+        both = sorted(set(self.install) & (set(self.purge) | set(self.pin_away)))
+        if both:
+            raise ValueError(f"{', '.join(both)} cannot be both installed and purged/pinned away")
+        return self
+
+
+class Service(Strict):
+    """The strongSwan service fix: which unit runs charon, and what it needs at boot."""
+
+    unit: str
+    load_modules: list[str] = []
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if not UNIT_NAME.match(value):
+            raise ValueError(f"{value!r} is not a systemd unit name")
+        return value.removesuffix(".service")
+
+
+class KernelModulesCheck(Strict):
+    required: list[str] = Field(min_length=1)
+    optional: list[str] = []
+
+
+class EmptyCheck(Strict):
+    """A check that takes its expectations from the rest of the image definition."""
+
+
+class Checks(Strict):
+    environment: EmptyCheck | None = None
+    release: EmptyCheck | None = None
+    kernel_modules: KernelModulesCheck | None = None
+    xfrm: EmptyCheck | None = None
+    ikev2_tunnel: EmptyCheck | None = None
+    snapd: EmptyCheck | None = None
+    strongswan_service: EmptyCheck | None = None
+    hygiene: EmptyCheck | None = None
+
+    def enabled(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+
+class ImageDefinition(Strict):
+    name: str
+    release: str
+    codename: str
+    kernel_flavour: str
+    packages: Packages
+    service: Service
+    base: BaseSources
+    providers: Providers
+    checks: Checks
+
+    @field_validator("release")
+    @classmethod
+    def _release(cls, value: str) -> str:
+        if not re.match(r"^[0-9]{2}\.(04|10)$", value):
+            raise ValueError(f"{value!r} is not an Ubuntu release like 20.04")
+        return value
+
+    @field_validator("name", "codename")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9.-]*$", value):
+            raise ValueError(f"{value!r} may hold only lowercase letters, digits, '.' and '-'")
+        return value
+
+    def provider(self, name: str) -> ProviderSettings:
+        settings = self.providers.get(name)
+        if settings is None:
+            raise ConfigError(
+                f"image {self.name} has no settings for provider {name} "
+                f"(it defines: {', '.join(self.providers.names())})"
+            )
+        return settings
+
+    def kernel_flavour_on(self, provider: str) -> str:
+        return self.provider(provider).kernel_flavour or self.kernel_flavour
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def _allowed_keys(model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    return f" (allowed: {', '.join(names)})"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that owns the mapping at ``loc`` (for listing its allowed keys)."""
+    model: type[BaseModel] | None = ImageDefinition
+    for part in loc:
+        if model is None or not isinstance(part, str):
+            return model
+        field = next(
+            (f for n, f in model.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return model
+        model = _inner_model(field.annotation)
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe_validation_error(path: Path, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key{_allowed_keys(_model_at(loc[:-1]))}")
+        elif item["type"] == "missing":
+            problems.append(f"{where}: required field is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message} (got {item.get('input')!r})")
+    return f"{path}: " + "; ".join(problems)
+
+
+def load_image(path: Path) -> ImageDefinition:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such image definition") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        image = ImageDefinition.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from None
+    if image.name != path.stem:
+        raise ConfigError(f"{path}: name: {image.name!r} must match the file name {path.stem!r}")
+    return image
+
+
+def available_images(images_dir: Path) -> list[str]:
+    return sorted(p.stem for p in images_dir.glob("*.yaml"))
+
+
+def select_images(images_dir: Path, names: list[str] | None) -> list[ImageDefinition]:
+    """Load the named images (all when ``names`` is empty), refusing unknown names."""
+    known = available_images(images_dir)
+    wanted = names or known
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown image {', '.join(unknown)} (available in {images_dir}: {', '.join(known)})"
+        )
+    return [load_image(images_dir / f"{name}.yaml") for name in wanted]

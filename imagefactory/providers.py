@@ -1,0 +1,165 @@
+"""The provider registry: what differs between providers, as data.
+
+The pipeline never branches on a provider's name; it looks the provider up here.
+Later stages (launch for checks, publish) hang their per-provider mechanism on
+these same entries.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .definitions import ProviderSettings
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str  # also the Packer builder type and the template's file name
+    title: str
+    plugin_source: str  # for `required_plugins` on Packer >= 1.7
+    # Environment variables that carry credentials. They reach Packer only through
+    # its environment; they are never rendered into a file.
+    secret_env: tuple[str, ...]
+    # Placeholders for credentials absent from the environment, so `packer validate`
+    # can check everything it checks offline. Never used for a build.
+    validation_env: dict[str, str] = field(default_factory=dict)
+    # Packer 1.6.6's openstack builder logs in to the identity service while validating;
+    # offline we can only check syntax (the tests also run a full check against a local one).
+    offline_validation: str = "full"  # "full" | "syntax-only"
+    aliases: tuple[str, ...] = ()
+    # The account Packer connects as; an image setting `ssh_username` overrides it.
+    build_user: str = "root"
+
+    def build_user_for(self, settings: ProviderSettings) -> str:
+        return getattr(settings, "ssh_username", None) or self.build_user
+
+    def validation_variables(self, scratch: Path) -> dict[str, str]:
+        """Stand-in values for the build-time variables, enough for `packer validate`."""
+        return {"serial": "19700101.0", "manifest_path": str(scratch / "manifest.json")}
+
+
+@dataclass(frozen=True)
+class LocalDiskProvider(Provider):
+    """Builds on this machine from a base disk image; needs files that exist to validate."""
+
+    def validation_variables(self, scratch: Path) -> dict[str, str]:
+        seed = scratch / "seed"
+        seed.mkdir(parents=True, exist_ok=True)
+        for name in ("meta-data", "user-data"):
+            (seed / name).write_text("")
+        key = scratch / "id_ed25519"
+        if not key.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
+        return super().validation_variables(scratch) | {
+            "base_image": str(scratch / "base.qcow2"),
+            "base_image_checksum": "sha256:" + "0" * 64,
+            "output_directory": str(scratch / "output"),
+            "seed_directory": str(seed),
+            "ssh_private_key_file": str(key),
+            "accelerator": "tcg",
+        }
+
+
+_FAKE_UUID = "00000000-0000-4000-8000-000000000000"
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        LocalDiskProvider(
+            name="qemu",
+            title="QEMU (local)",
+            plugin_source="github.com/hashicorp/qemu",
+            secret_env=(),
+            aliases=("local",),
+            build_user="packer",
+        ),
+        Provider(
+            name="digitalocean",
+            title="DigitalOcean",
+            plugin_source="github.com/digitalocean/digitalocean",
+            secret_env=("DIGITALOCEAN_API_TOKEN",),
+            validation_env={"DIGITALOCEAN_API_TOKEN": "placeholder-for-validation"},
+            aliases=("do",),
+        ),
+        Provider(
+            name="amazon-ebs",
+            title="Amazon EC2",
+            plugin_source="github.com/hashicorp/amazon",
+            secret_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
+            validation_env={
+                "AWS_ACCESS_KEY_ID": "AKIAPLACEHOLDER00000",
+                "AWS_SECRET_ACCESS_KEY": "placeholder-for-validation",
+            },
+            aliases=("ec2", "aws"),
+            build_user="ubuntu",
+        ),
+        Provider(
+            name="azure-arm",
+            title="Microsoft Azure",
+            plugin_source="github.com/hashicorp/azure",
+            secret_env=("ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_SUBSCRIPTION_ID", "ARM_TENANT_ID"),
+            validation_env={
+                "ARM_CLIENT_ID": _FAKE_UUID,
+                "ARM_CLIENT_SECRET": "placeholder-for-validation",
+                "ARM_SUBSCRIPTION_ID": _FAKE_UUID,
+                "ARM_TENANT_ID": _FAKE_UUID,
+            },
+            aliases=("azure",),
+            build_user="packer",
+        ),
+        Provider(
+            name="googlecompute",
+            title="Google Compute Engine",
+            plugin_source="github.com/hashicorp/googlecompute",
+            secret_env=("GOOGLE_APPLICATION_CREDENTIALS",),
+            validation_env={"GOOGLE_PROJECT": "placeholder-project"},
+            aliases=("gce", "gcp"),
+            build_user="ubuntu",
+        ),
+        Provider(
+            name="hcloud",
+            title="Hetzner Cloud",
+            plugin_source="github.com/hetznercloud/hcloud",
+            secret_env=("HCLOUD_TOKEN",),
+            validation_env={"HCLOUD_TOKEN": "placeholder-for-validation"},
+            aliases=("hetzner",),
+        ),
+        Provider(
+            name="scaleway",
+            title="Scaleway",
+            plugin_source="github.com/scaleway/scaleway",
+            secret_env=("SCW_ACCESS_KEY", "SCW_SECRET_KEY", "SCW_DEFAULT_PROJECT_ID"),
+            validation_env={
+                "SCW_ACCESS_KEY": "SCWPLACEHOLDER000000",
+                "SCW_SECRET_KEY": _FAKE_UUID,
+                "SCW_DEFAULT_PROJECT_ID": _FAKE_UUID,
+            },
+        ),
+        Provider(
+            name="openstack",
+            title="OpenStack",
+            plugin_source="github.com/hashicorp/openstack",
+            secret_env=("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME"),
+            offline_validation="syntax-only",
+            build_user="ubuntu",
+        ),
+    )
+}
+
+
+def get_provider(name: str) -> Provider:
+    for provider in PROVIDERS.values():
+        if name == provider.name or name in provider.aliases:
+            return provider
+    raise ConfigError(f"unknown provider {name!r} (available: {', '.join(PROVIDERS)})")
+
+
+def select_providers(names: list[str] | None) -> list[Provider]:
+    return [get_provider(n) for n in names] if names else list(PROVIDERS.values())

@@ -1,0 +1,35 @@
+"""Timed, nested steps: users of a long pipeline see where they are and where the time went."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, TextIO
+
+
+@dataclass
+class StepLog:
+    out: TextIO = sys.stderr
+    timings: dict[str, float] = field(default_factory=dict)
+    _depth: int = 0
+
+    def say(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{stamp} {'  ' * self._depth}{message}", file=self.out, flush=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.say(f"==> {name}")
+        self._depth += 1
+        started = time.monotonic()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            elapsed = time.monotonic() - started
+            self._depth -= 1
+            self.timings[name] = round(elapsed, 3)
+            self.say(f"<== {name}: {'done' if ok else 'FAILED'} in {elapsed:.1f} s")

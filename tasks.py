@@ -1,0 +1,99 @@
+"""Invoke tasks: arguments in, calls into the imagefactory package, exit codes out.
+
+Run them through ./factory (which installs what is missing first) or .venv/bin/inv.
+Exit codes: 0 ok, 1 failure, 2 bad input, 3 template error, 4 tool missing, 5 Packer failed.
+Set FACTORY_DEBUG=1 for a traceback instead of the one-line message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from invoke import Collection, Exit, task
+
+from imagefactory import bench, matrix
+from imagefactory.errors import FactoryError
+from imagefactory.matrix import all_secrets
+from imagefactory.packer import Packer
+from imagefactory.settings import Settings
+from imagefactory.steps import StepLog
+
+SELECTION_HELP = {
+    "image": "image name from images/ (repeatable; default: every image)",
+    "provider": "provider name, e.g. qemu, digitalocean (repeatable; default: every provider)",
+}
+
+
+def user_errors(func):
+    """Turn a FactoryError into one line on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return func(c, *args, **kwargs)
+        except FactoryError as exc:
+            if os.environ.get("FACTORY_DEBUG"):
+                raise
+            raise Exit(f"error: {exc}", code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper
+
+
+def _settings(c) -> Settings:
+    return Settings.from_mapping(dict(c.config.get("factory", {})))
+
+
+def _packer(settings: Settings, log: StepLog) -> Packer:
+    return Packer(settings.packer, secrets=all_secrets(os.environ), log=log.say)
+
+
+@task(iterable=["image", "provider"], help=SELECTION_HELP)
+@user_errors
+def render(c, image=None, provider=None):
+    """Render Packer templates for images x providers into build/rendered/."""
+    settings = _settings(c)
+    log = StepLog()
+    pairs = matrix.select_pairs(settings, image, provider)
+    matrix.render_pairs(settings, pairs, _packer(settings, log).features(), log)
+
+
+@task(iterable=["image", "provider"], help=SELECTION_HELP)
+@user_errors
+def validate(c, image=None, provider=None):
+    """Render, then `packer validate` every image x provider offline."""
+    settings = _settings(c)
+    log = StepLog()
+    pairs = matrix.select_pairs(settings, image, provider)
+    with log.step(f"validate {len(pairs)} templates"):
+        matrix.validate_pairs(settings, pairs, _packer(settings, log), log)
+
+
+@task(name="bench", help={"output": "JSON lines file to append results to"})
+@user_errors
+def benchmark(c, output=None):
+    """Benchmark: render and validate the whole matrix, record timings (build/bench.jsonl)."""
+    settings = _settings(c)
+    log = StepLog()
+    result = bench.render_and_validate(settings, _packer(settings, log), log, output)
+    print(bench.summary(result))
+
+
+@task(help={"fast": "skip the end-to-end tests (those marked e2e)", "k": "pytest -k expression"})
+def test(c, fast=False, k=None):
+    """Lint (ruff) and run the test suite; CI runs this."""
+    c.run("ruff check .", pty=False)
+    c.run("ruff format --check .", pty=False)
+    args = [sys.executable, "-m", "pytest"]
+    if fast:
+        args += ["-m", "not e2e"]
+    if k:
+        args += ["-k", k]
+    c.run(" ".join(f"'{a}'" for a in args), pty=False)
+
+
+ns = Collection(render, validate, benchmark, test)
+ns.configure({"factory": {"build_dir": "", "cache_dir": "", "packer": "", "mirror": ""}})
