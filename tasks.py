@@ -68,8 +68,9 @@ def validate(c, image=None, provider=None):
     settings = _settings(c)
     log = StepLog()
     pairs = matrix.select_pairs(settings, image, provider)
+    packer = _packer(settings, log)
     with log.step(f"validate {len(pairs)} templates"):
-        matrix.validate_pairs(settings, pairs, _packer(settings, log), log)
+        matrix.validate_pairs(settings, pairs, packer, log)
 
 
 @task(name="bench", help={"output": "JSON lines file to append results to"})
@@ -96,4 +97,5 @@ def test(c, fast=False, k=None):
 
 
 ns = Collection(render, validate, benchmark, test)
-ns.configure({"factory": {"build_dir": "", "cache_dir": "", "packer": "", "mirror": ""}})
+# Every setting exists (empty = default) so INVOKE_FACTORY_<NAME> can override it.
+ns.configure({"factory": {name: "" for name in Settings.names()}})

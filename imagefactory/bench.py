@@ -55,9 +55,10 @@ def render_and_validate(
 
 def summary(result: dict[str, Any]) -> str:
     seconds = result["seconds"]
-    verdict = "within" if seconds["render_and_validate"] <= result["goal_seconds"] else "OVER"
+    goal = result["goal_seconds"]
+    verdict = "within" if seconds["render_and_validate"] <= goal else "OVER"
     return (
         f"{result['pairs']} pairs: render {seconds['render']:.2f} s, render+validate "
-        f"{seconds['render_and_validate']:.2f} s ({verdict} the {result['goal_seconds']:.0f} s goal) "
+        f"{seconds['render_and_validate']:.2f} s ({verdict} the {goal:.0f} s goal) "
         f"on {result['cpus']} cpus, Packer {result['packer']}; recorded in {result['recorded_in']}"
     )

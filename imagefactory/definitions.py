@@ -27,7 +27,7 @@ class Strict(BaseModel):
 
 def _fingerprints(values: list[str]) -> list[str]:
     normalised = [v.replace(" ", "").upper() for v in values]
-    for raw, fpr in zip(values, normalised):
+    for raw, fpr in zip(values, normalised, strict=True):
         if not FINGERPRINT.match(fpr):
             raise ValueError(f"{raw!r} is not a full 40-hex-digit OpenPGP fingerprint")
     return normalised

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from .definitions import ImageDefinition, select_images
 from .errors import ConfigError
 from .packer import Packer, PackerFeatures
 from .providers import Provider, select_providers
-from .render import Rendered, render
+from .render import Rendered, render_files, write_atomically
 from .settings import Settings
 from .steps import StepLog
 
@@ -49,12 +50,16 @@ def select_pairs(
 def render_pairs(
     settings: Settings, pairs: list[Pair], features: PackerFeatures, log: StepLog
 ) -> list[Rendered]:
+    """Render every pair in memory first, so that one failure writes nothing at all."""
+    outputs = [
+        (pair, render_files(pair.image, pair.provider, settings.templates_dir, features))
+        for pair in pairs
+    ]
     rendered = []
-    for pair in pairs:
+    for pair, files in outputs:
         destination = settings.rendered_dir(pair.image.name, pair.provider.name)
-        rendered.append(
-            render(pair.image, pair.provider, settings.templates_dir, destination, features)
-        )
+        write_atomically(files, destination)
+        rendered.append(Rendered(pair.image.name, pair.provider.name, destination))
         log.say(f"rendered {pair.label} -> {destination}")
     return rendered
 
@@ -74,19 +79,30 @@ def validate_pairs(
     log: StepLog,
     environ: Mapping[str, str] | None = None,
 ) -> list[Rendered]:
-    """Render and `packer validate` every pair; raises on the first failure."""
+    """Render and `packer validate` every pair, in parallel; raises the first failure."""
     environ = os.environ if environ is None else environ
     rendered = render_pairs(settings, pairs, packer.features(), log)
-    with tempfile.TemporaryDirectory(prefix="imagefactory-validate-") as scratch:
-        for pair, result in zip(pairs, rendered):
-            provider = pair.provider
-            # Placeholders only for credentials the environment does not supply.
-            placeholders = {k: v for k, v in provider.validation_env.items() if not environ.get(k)}
-            syntax_only = provider.offline_validation == "syntax-only"
-            variables = provider.validation_variables(Path(scratch) / provider.name)
-            packer.validate(
-                result.template, variables, syntax_only=syntax_only, extra_env=placeholders
-            )
-            how = "syntax only: its builder logs in while validating" if syntax_only else "full"
-            log.say(f"valid: {pair.label} ({how})")
+    with (
+        tempfile.TemporaryDirectory(prefix="imagefactory-validate-") as scratch,
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool,
+    ):
+        # Each packer process is mostly start-up time; one per core keeps them all busy.
+        futures = [
+            pool.submit(_validate_one, pair, result, packer, Path(scratch), environ)
+            for pair, result in zip(pairs, rendered, strict=True)
+        ]
+        for pair, future in zip(pairs, futures, strict=True):
+            log.say(f"valid: {pair.label} ({future.result()})")
     return rendered
+
+
+def _validate_one(
+    pair: Pair, rendered: Rendered, packer: Packer, scratch: Path, environ: Mapping[str, str]
+) -> str:
+    provider = pair.provider
+    # Placeholders only for credentials the environment does not supply.
+    placeholders = {k: v for k, v in provider.validation_env.items() if not environ.get(k)}
+    syntax_only = provider.offline_validation == "syntax-only"
+    variables = provider.validation_variables(scratch / f"{pair.image.name}-{provider.name}")
+    packer.validate(rendered.template, variables, syntax_only=syntax_only, extra_env=placeholders)
+    return "syntax only: its builder logs in to validate" if syntax_only else "full"

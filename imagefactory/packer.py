@@ -8,14 +8,15 @@ lines as they come; ``Packer`` turns them into progress, errors and artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from packerpy import PackerExecutable
 
@@ -90,8 +91,7 @@ class Outcome:
         found = [
             line.data[-1].strip()
             for line in self.lines
-            if (line.kind == "ui" and line.data[:1] == ("error",))
-            or line.kind == "error"
+            if (line.kind == "ui" and line.data[:1] == ("error",)) or line.kind == "error"
         ]
         return [e for e in found if e]
 
@@ -127,7 +127,10 @@ class StreamingPackerExecutable(PackerExecutable):
     @staticmethod
     def _explode_args(**kwargs: object) -> list[str]:
         # packer-py would turn a list into "-only=['a', 'b']"; Packer wants "-only=a,b".
-        fixed = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
+        fixed = {
+            k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for k, v in kwargs.items()
+        }
         return PackerExecutable._explode_args(**fixed)
 
     def command(self, packer_cmd: str, template: str | None = None, **kwargs: object) -> list[str]:
@@ -171,10 +174,8 @@ def _stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
 
 
@@ -203,7 +204,7 @@ class Packer:
         if path is None:
             raise ToolMissingError(
                 f"packer not found (looked for {executable!r} on PATH); "
-                "install it with `apt-get install packer` or run ./factory setup"
+                "install it with `apt-get install packer` (./factory does so on first use)"
             )
         self.path = path
         base = dict(os.environ if env is None else env)
@@ -285,5 +286,9 @@ class Packer:
 
     def _summary(self, outcome: Outcome) -> str:
         errors = outcome.errors
-        text = " | ".join(" ".join(e.split()) for e in errors) if errors else f"exit {outcome.returncode}"
+        text = (
+            " | ".join(" ".join(e.split()) for e in errors)
+            if errors
+            else f"exit {outcome.returncode}"
+        )
         return self.redact(text)

@@ -104,7 +104,12 @@ PROVIDERS: dict[str, Provider] = {
             name="azure-arm",
             title="Microsoft Azure",
             plugin_source="github.com/hashicorp/azure",
-            secret_env=("ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_SUBSCRIPTION_ID", "ARM_TENANT_ID"),
+            secret_env=(
+                "ARM_CLIENT_ID",
+                "ARM_CLIENT_SECRET",
+                "ARM_SUBSCRIPTION_ID",
+                "ARM_TENANT_ID",
+            ),
             validation_env={
                 "ARM_CLIENT_ID": _FAKE_UUID,
                 "ARM_CLIENT_SECRET": "placeholder-for-validation",

@@ -7,6 +7,7 @@ output intact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -72,10 +73,8 @@ def _template_location(templates_dir: Path) -> str:
     for frame in reversed(traceback.extract_tb(sys.exc_info()[2])):
         if frame.filename.endswith(".j2"):
             path = Path(frame.filename)
-            try:
+            with contextlib.suppress(ValueError):
                 path = path.relative_to(templates_dir.parent)
-            except ValueError:
-                pass
             return f"{path}:{frame.lineno}"
     return str(templates_dir)
 
@@ -90,7 +89,9 @@ def render_files(
     env = environment(templates_dir)
     template_name = f"{provider.name}{TEMPLATE_SUFFIX}"
     if not (templates_dir / template_name).is_file():
-        raise RenderError(f"{templates_dir / template_name}: no template for provider {provider.name}")
+        raise RenderError(
+            f"{templates_dir / template_name}: no template for provider {provider.name}"
+        )
     script_names = sorted(
         p.name for p in (templates_dir / SCRIPTS).glob("*.j2") if not p.name.startswith("_")
     )

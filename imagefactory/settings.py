@@ -8,9 +8,10 @@ lives in ``images/``, not here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -30,10 +31,14 @@ class Settings:
     # Rendered templates, build outputs and records; git-ignored.
     build_dir: Path = REPO_ROOT / "build"
     # Base images and downloads, shared by every checkout of this user.
-    cache_dir: Path = default_cache_dir()
+    cache_dir: Path = field(default_factory=default_cache_dir)
     packer: str = "packer"
     # Overrides every image's archive mirror (a local mirror or caching proxy).
     mirror: str = ""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "invoke.yaml") -> Settings:

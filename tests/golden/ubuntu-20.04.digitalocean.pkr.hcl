@@ -1,0 +1,81 @@
+# Rendered by imagefactory from templates/digitalocean.pkr.hcl.j2 for images/ubuntu-20.04.yaml.
+# Do not edit: change the template or the image definition and run `inv render`.
+# No credentials appear here: they reach Packer through its environment.
+
+packer {
+  required_version = ">= 1.6.6"
+}
+
+variable "serial" {
+  type        = string
+  description = "Build serial (YYYYMMDD.N); part of the artifact's name."
+}
+
+variable "manifest_path" {
+  type        = string
+  description = "Where Packer's manifest post-processor records the artifact."
+}
+
+locals {
+  artifact_name = "ubuntu-20.04-${var.serial}"
+}
+
+# The API token comes from DIGITALOCEAN_API_TOKEN in Packer's environment.
+source "digitalocean" "image" {
+  image         = "ubuntu-20-04-x64"
+  region        = "nyc3"
+  size          = "s-1vcpu-1gb"
+  ssh_username  = "root"
+  snapshot_name = local.artifact_name
+  droplet_name  = "imagefactory-build-${var.serial}"
+  tags          = ["imagefactory", "imagefactory-build"]
+}
+
+build {
+  sources = ["source.digitalocean.image"]
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/00-prepare.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/10-upgrade.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/20-purge.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/30-strongswan.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/90-cleanup.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  post-processor "manifest" {
+    output     = var.manifest_path
+    strip_path = false
+    custom_data = {
+      image    = "ubuntu-20.04"
+      provider = "digitalocean"
+      serial   = var.serial
+    }
+  }
+}

@@ -1,0 +1,93 @@
+# Rendered by imagefactory from templates/googlecompute.pkr.hcl.j2 for images/ubuntu-20.04.yaml.
+# Do not edit: change the template or the image definition and run `inv render`.
+# No credentials appear here: they reach Packer through its environment.
+
+packer {
+  required_version = ">= 1.6.6"
+}
+
+variable "serial" {
+  type        = string
+  description = "Build serial (YYYYMMDD.N); part of the artifact's name."
+}
+
+variable "manifest_path" {
+  type        = string
+  description = "Where Packer's manifest post-processor records the artifact."
+}
+
+# The project images are built in: deployment configuration, not image data.
+variable "project_id" {
+  type    = string
+  default = env("GOOGLE_PROJECT")
+}
+locals {
+  artifact_name = "ubuntu-20.04-${var.serial}"
+}
+
+# Credentials: GOOGLE_APPLICATION_CREDENTIALS (a key file path) or the machine's
+# default service account, found by the builder at run time.
+source "googlecompute" "image" {
+  project_id              = var.project_id
+  source_image_family     = "ubuntu-2004-lts"
+  source_image_project_id = ["ubuntu-os-cloud"]
+  zone                    = "us-central1-a"
+  machine_type            = "e2-small"
+  ssh_username            = "ubuntu"
+  image_name              = replace(local.artifact_name, ".", "-")
+  image_description       = "ubuntu-20.04 for strongSwan VPN servers"
+  image_labels = {
+    "imagefactory-image"  = "ubuntu-20-04"
+    "imagefactory-serial" = replace(var.serial, ".", "-")
+    "imagefactory-state"  = "built"
+  }
+}
+
+build {
+  sources = ["source.googlecompute.image"]
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/00-prepare.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/10-upgrade.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/20-purge.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/30-strongswan.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/90-cleanup.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  post-processor "manifest" {
+    output     = var.manifest_path
+    strip_path = false
+    custom_data = {
+      image    = "ubuntu-20.04"
+      provider = "googlecompute"
+      serial   = var.serial
+    }
+  }
+}

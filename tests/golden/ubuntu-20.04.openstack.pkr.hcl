@@ -1,0 +1,84 @@
+# Rendered by imagefactory from templates/openstack.pkr.hcl.j2 for images/ubuntu-20.04.yaml.
+# Do not edit: change the template or the image definition and run `inv render`.
+# No credentials appear here: they reach Packer through its environment.
+
+packer {
+  required_version = ">= 1.6.6"
+}
+
+variable "serial" {
+  type        = string
+  description = "Build serial (YYYYMMDD.N); part of the artifact's name."
+}
+
+variable "manifest_path" {
+  type        = string
+  description = "Where Packer's manifest post-processor records the artifact."
+}
+
+locals {
+  artifact_name = "ubuntu-20.04-${var.serial}"
+}
+
+# Credentials come from the standard OS_* variables (OS_AUTH_URL, OS_USERNAME,
+# OS_PASSWORD, OS_PROJECT_NAME ...) in Packer's environment.
+source "openstack" "image" {
+  source_image_name = "Ubuntu 20.04"
+  flavor            = "m1.small"
+  ssh_username      = "ubuntu"
+  image_name        = local.artifact_name
+  metadata = {
+    "imagefactory_image"  = "ubuntu-20.04"
+    "imagefactory_serial" = var.serial
+    "imagefactory_state"  = "built"
+  }
+}
+
+build {
+  sources = ["source.openstack.image"]
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/00-prepare.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/10-upgrade.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/20-purge.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/30-strongswan.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/90-cleanup.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  post-processor "manifest" {
+    output     = var.manifest_path
+    strip_path = false
+    custom_data = {
+      image    = "ubuntu-20.04"
+      provider = "openstack"
+      serial   = var.serial
+    }
+  }
+}

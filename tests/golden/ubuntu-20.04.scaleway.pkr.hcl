@@ -1,0 +1,82 @@
+# Rendered by imagefactory from templates/scaleway.pkr.hcl.j2 for images/ubuntu-20.04.yaml.
+# Do not edit: change the template or the image definition and run `inv render`.
+# No credentials appear here: they reach Packer through its environment.
+
+packer {
+  required_version = ">= 1.6.6"
+}
+
+variable "serial" {
+  type        = string
+  description = "Build serial (YYYYMMDD.N); part of the artifact's name."
+}
+
+variable "manifest_path" {
+  type        = string
+  description = "Where Packer's manifest post-processor records the artifact."
+}
+
+locals {
+  artifact_name = "ubuntu-20.04-${var.serial}"
+}
+
+# Credentials come from SCW_ACCESS_KEY / SCW_SECRET_KEY / SCW_DEFAULT_PROJECT_ID
+# in Packer's environment.
+source "scaleway" "image" {
+  image           = "ubuntu_focal"
+  zone            = "fr-par-1"
+  commercial_type = "DEV1-S"
+  ssh_username    = "root"
+  server_name     = "imagefactory-build-${var.serial}"
+  image_name      = local.artifact_name
+  snapshot_name   = "${local.artifact_name}-snapshot"
+}
+
+build {
+  sources = ["source.scaleway.image"]
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/00-prepare.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/10-upgrade.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/20-purge.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/30-strongswan.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/90-cleanup.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  post-processor "manifest" {
+    output     = var.manifest_path
+    strip_path = false
+    custom_data = {
+      image    = "ubuntu-20.04"
+      provider = "scaleway"
+      serial   = var.serial
+    }
+  }
+}

@@ -1,0 +1,115 @@
+"""Image definitions load through a strict schema; bad input is refused with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagefactory.definitions import load_image, select_images
+from imagefactory.errors import ConfigError
+from imagefactory.settings import REPO_ROOT
+
+IMAGES = REPO_ROOT / "images"
+
+
+@pytest.mark.parametrize("name", ["ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04"])
+def test_shipped_images_load(name: str) -> None:
+    image = load_image(IMAGES / f"{name}.yaml")
+    assert image.name == name
+    assert "snapd" in image.packages.purge and "snapd" in image.packages.pin_away
+    assert image.service.unit == "strongswan-starter"
+    assert "af_key" in image.service.load_modules
+    # Every provider Algo supports is defined, each with its base image reference.
+    assert set(image.providers.names()) == {
+        "qemu", "digitalocean", "amazon-ebs", "azure-arm",
+        "googlecompute", "hcloud", "scaleway", "openstack",
+    }  # fmt: skip
+
+
+def test_focal_specifics() -> None:
+    image = load_image(IMAGES / "ubuntu-20.04.yaml")
+    assert (image.release, image.codename) == ("20.04", "focal")
+    assert image.base.archive.pockets == ["focal", "focal-updates", "focal-security"]
+    assert image.base.archive.keyring_fingerprints == [
+        "790BC7277767219C42C86F933B4FE6ACC0B21F32",
+        "F6ECB3762474EDA9D21B7022871920D1991BC93C",
+    ]
+    assert image.kernel_flavour_on("amazon-ebs") == "aws"
+    assert image.kernel_flavour_on("qemu") == "generic"
+
+
+def _mutate(images: Path, change) -> Path:
+    path = images / "ubuntu-20.04.yaml"
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_image(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    return message
+
+
+def test_malformed_yaml_names_file_and_line(images_copy: Path) -> None:
+    path = images_copy / "ubuntu-20.04.yaml"
+    path.write_text("name: ubuntu-20.04\nrelease: [20.04\n")
+    assert "malformed YAML" in _error(path) and "line 3" in _error(path)
+
+
+def test_unknown_key_lists_allowed_keys(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d["packages"].update(purgee=["snapd"]))
+    message = _error(path)
+    assert "packages.purgee: unknown key" in message
+    assert "allowed: install, purge, pin_away" in message
+
+
+def test_unknown_provider_key_lists_providers(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d["providers"].update(linode={"image": "x"}))
+    message = _error(path)
+    assert "providers.linode: unknown key" in message and "amazon-ebs" in message
+
+
+def test_wrong_type(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d["providers"]["qemu"].update(memory_mb="lots"))
+    message = _error(path)
+    assert "providers.qemu.memory_mb" in message and "'lots'" in message
+
+
+def test_missing_field(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d.pop("codename"))
+    assert "codename: required field is missing" in _error(path)
+
+
+def test_fingerprint_must_be_full(images_copy: Path) -> None:
+    path = _mutate(
+        images_copy, lambda d: d["base"]["archive"].update(keyring_fingerprints=["C0B21F32"])
+    )
+    assert "not a full 40-hex-digit OpenPGP fingerprint" in _error(path)
+
+
+def test_install_and_purge_must_not_overlap(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d["packages"]["install"].append("snapd"))
+    assert "snapd cannot be both installed and purged" in _error(path)
+
+
+def test_name_must_match_file(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d.update(name="ubuntu-20.10"))
+    assert "must match the file name" in _error(path)
+
+
+def test_not_a_mapping(images_copy: Path) -> None:
+    path = images_copy / "ubuntu-20.04.yaml"
+    path.write_text("- just\n- a list\n")
+    assert "expected a mapping" in _error(path)
+
+
+def test_unknown_image_names_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown image ubuntu-18\.04 .*ubuntu-20\.04"):
+        select_images(IMAGES, ["ubuntu-18.04"])
