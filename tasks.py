@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 
 from invoke import Collection, Exit, task
@@ -106,14 +107,15 @@ def pipeline(c, image=None, provider=None):
 @task(help={"fast": "skip the end-to-end tests (those marked e2e)", "k": "pytest -k expression"})
 def test(c, fast=False, k=None):
     """Lint (ruff) and run the test suite; CI runs this."""
-    c.run("ruff check .", pty=False)
-    c.run("ruff format --check .", pty=False)
+    python = shlex.quote(sys.executable)
+    c.run(f"{python} -m ruff check .", pty=False)
+    c.run(f"{python} -m ruff format --check .", pty=False)
     args = [sys.executable, "-m", "pytest"]
     if fast:
         args += ["-m", "not e2e"]
     if k:
         args += ["-k", k]
-    c.run(" ".join(f"'{a}'" for a in args), pty=False)
+    c.run(shlex.join(args), pty=False)
 
 
 ns = Collection(render, validate, pipeline, benchmark, test)
