@@ -15,6 +15,9 @@ import sys
 from invoke import Collection, Exit, task
 
 from imagefactory import bench, matrix
+from imagefactory import build as builder
+from imagefactory import records as artifact_records
+from imagefactory.definitions import select_images
 from imagefactory.errors import FactoryError
 from imagefactory.matrix import all_secrets
 from imagefactory.packer import Packer
@@ -85,6 +88,56 @@ def benchmark(c, output=None):
 
 
 @task(
+    help={
+        "image": "image name from images/ (default: ubuntu-20.04)",
+        "refresh": "rebuild even when a cached base with the same inputs exists",
+    }
+)
+@user_errors
+def base(c, image="ubuntu-20.04", refresh=False):
+    """Build (or reuse from the cache) the base disk image from the Ubuntu archive."""
+    from imagefactory.base import build_base
+
+    settings = _settings(c)
+    log = StepLog()
+    [definition] = select_images(settings.images_dir, [image])
+    result = build_base(definition, settings, log, refresh=refresh)
+    print(result.path)
+
+
+@task(
+    help={
+        "image": "image name from images/ (default: ubuntu-20.04)",
+        "provider": "provider name (default: qemu)",
+        "refresh_base": "rebuild the base image even when cached",
+        "keep_on_error": "leave a failed build's work directory for debugging",
+    }
+)
+@user_errors
+def build(c, image="ubuntu-20.04", provider="qemu", refresh_base=False, keep_on_error=False):
+    """Build one image for one provider with Packer; writes the artifact and its record."""
+    settings = _settings(c)
+    log = StepLog()
+    [pair] = matrix.select_pairs(settings, [image], [provider])
+    packer = _packer(settings, log)
+    record_path, _ = builder.build(
+        pair.image, pair.provider, settings, packer, log, refresh_base, keep_on_error
+    )
+    print(record_path)
+
+
+@task(help={"json": "print a JSON list (keys: image, provider, state, sha256, artifact, record)"})
+@user_errors
+def records(c, json=False):
+    """List every artifact with its state, digest and paths."""
+    settings = _settings(c)
+    rows = [
+        artifact_records.summary(p, r) for p, r in artifact_records.find_all(settings.build_dir)
+    ]
+    print(artifact_records.dumps(rows) if json else artifact_records.table(rows))
+
+
+@task(
     iterable=["image", "provider"],
     help={
         "image": "image name (repeatable; default: ubuntu-20.04)",
@@ -118,6 +171,6 @@ def test(c, fast=False, k=None):
     c.run(shlex.join(args), pty=False)
 
 
-ns = Collection(render, validate, pipeline, benchmark, test)
+ns = Collection(render, validate, base, build, records, pipeline, benchmark, test)
 # Every setting exists (empty = default) so INVOKE_FACTORY_<NAME> can override it.
 ns.configure({"factory": {name: "" for name in Settings.names()}})

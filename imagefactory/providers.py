@@ -7,12 +7,17 @@ these same entries.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import nocloud, qemu
+from .context import BuildRun, BuiltArtifact
 from .definitions import ProviderSettings
-from .errors import ConfigError
+from .errors import ConfigError, PackerError
+from .packer import Artifact
 
 
 @dataclass(frozen=True)
@@ -38,12 +43,68 @@ class Provider:
 
     def validation_variables(self, scratch: Path) -> dict[str, str]:
         """Stand-in values for the build-time variables, enough for `packer validate`."""
-        return {"serial": "19700101.0", "manifest_path": str(scratch / "manifest.json")}
+        return {
+            "serial": "19700101.0",
+            "manifest_path": str(scratch / "manifest.json"),
+            "report_directory": str(scratch / "report"),
+        }
+
+    def prepare_build(self, run: BuildRun) -> dict[str, str]:
+        """Provider-specific build-time variables, and the local inputs they point at."""
+        return {}
+
+    def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
+        """The one artifact this build produced; for a cloud, its image id."""
+        ids = [a.id for a in artifacts if a.id]
+        if len(ids) != 1:
+            raise PackerError(f"expected one {self.name} image from Packer, got {ids or 'none'}")
+        digest = hashlib.sha256(f"{self.name}:{ids[0]}:{run.serial}".encode()).hexdigest()
+        return BuiltArtifact(location=ids[0], sha256=digest, size=0)
 
 
 @dataclass(frozen=True)
 class LocalDiskProvider(Provider):
-    """Builds on this machine from a base disk image; needs files that exist to validate."""
+    """Builds on this machine from a base disk image built from the Ubuntu archive."""
+
+    def prepare_build(self, run: BuildRun) -> dict[str, str]:
+        from .base import build_base  # the archive builder is only needed here
+
+        base = build_base(run.image, run.settings, run.log, refresh=run.refresh_base)
+        accelerator = qemu.choose_accelerator(base.path, run.log)
+        key = nocloud.ephemeral_key(run.work / "ssh", comment=f"imagefactory-build-{run.serial}")
+        seed = nocloud.write_seed(
+            run.work / "seed",
+            instance_id=f"imagefactory-build-{run.serial}",
+            hostname="imagefactory-build",
+            public_key=key.public_text,
+        )
+        run.provenance |= {
+            "base_image_sha256": base.sha256,
+            "archive_release_dates": base.release_dates,
+            "accelerator": accelerator,
+            "qemu_version": qemu.version(),
+        }
+        return {
+            "base_image": str(base.path),
+            "base_image_checksum": f"sha256:{base.sha256}",
+            "output_directory": str(run.work / "output"),
+            "seed_directory": str(seed),
+            "ssh_private_key_file": str(key.private),
+            "accelerator": accelerator,
+        }
+
+    def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
+        disks = [Path(f) for a in artifacts for f in a.files if f.endswith(".qcow2")]
+        if len(disks) != 1:
+            raise PackerError(f"expected one qcow2 from Packer, got {[str(d) for d in disks]}")
+        backing = qemu.info(disks[0]).get("backing-filename")
+        if backing:
+            raise PackerError(f"{disks[0]}: still backed by {backing}; it must stand alone")
+        final = run.directory / f"{run.image.name}-{run.serial}.qcow2"
+        shutil.move(disks[0], final)
+        return BuiltArtifact(
+            location=str(final), sha256=sha256_file(final), size=final.stat().st_size
+        )
 
     def validation_variables(self, scratch: Path) -> dict[str, str]:
         seed = scratch / "seed"
@@ -67,6 +128,14 @@ class LocalDiskProvider(Provider):
         }
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 _FAKE_UUID = "00000000-0000-4000-8000-000000000000"
 
 PROVIDERS: dict[str, Provider] = {
@@ -78,7 +147,8 @@ PROVIDERS: dict[str, Provider] = {
             plugin_source="github.com/hashicorp/qemu",
             secret_env=(),
             aliases=("local",),
-            build_user="packer",
+            # Root, with this build's key only: no build account exists to be left behind.
+            build_user="root",
         ),
         Provider(
             name="digitalocean",

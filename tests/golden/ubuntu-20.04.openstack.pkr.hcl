@@ -16,6 +16,11 @@ variable "manifest_path" {
   description = "Where Packer's manifest post-processor records the artifact."
 }
 
+variable "report_directory" {
+  type        = string
+  description = "Where the image's package manifest and facts are downloaded to."
+}
+
 locals {
   artifact_name = "ubuntu-20.04-${var.serial}"
 }
@@ -63,6 +68,19 @@ build {
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
     environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
     expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/80-report.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=ubuntu", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "file" {
+    direction   = "download"
+    source      = "/var/tmp/imagefactory-report.tar"
+    destination = "${var.report_directory}/report.tar"
   }
 
   provisioner "shell" {

@@ -16,6 +16,11 @@ variable "manifest_path" {
   description = "Where Packer's manifest post-processor records the artifact."
 }
 
+variable "report_directory" {
+  type        = string
+  description = "Where the image's package manifest and facts are downloaded to."
+}
+
 variable "base_image" {
   type        = string
   description = "Path of the base qcow2 (built from the Ubuntu archive or a verified cloud image)."
@@ -72,11 +77,11 @@ source "qemu" "image" {
     ["-serial", "file:${var.output_directory}/../console.log"],
   ]
   communicator           = "ssh"
-  ssh_username           = "packer"
+  ssh_username           = "root"
   ssh_private_key_file   = var.ssh_private_key_file
   ssh_timeout            = "15m"
   ssh_handshake_attempts = 100
-  shutdown_command       = "sudo -S shutdown -P now"
+  shutdown_command       = "shutdown -P now"
   shutdown_timeout       = "5m"
 }
 
@@ -86,35 +91,48 @@ build {
   provisioner "shell" {
     script            = "${path.root}/scripts/00-prepare.sh"
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
-    environment_vars  = ["BUILD_USER=packer", "DEBIAN_FRONTEND=noninteractive"]
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
     expect_disconnect = false
   }
 
   provisioner "shell" {
     script            = "${path.root}/scripts/10-upgrade.sh"
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
-    environment_vars  = ["BUILD_USER=packer", "DEBIAN_FRONTEND=noninteractive"]
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
     expect_disconnect = false
   }
 
   provisioner "shell" {
     script            = "${path.root}/scripts/20-purge.sh"
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
-    environment_vars  = ["BUILD_USER=packer", "DEBIAN_FRONTEND=noninteractive"]
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
     expect_disconnect = false
   }
 
   provisioner "shell" {
     script            = "${path.root}/scripts/30-strongswan.sh"
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
-    environment_vars  = ["BUILD_USER=packer", "DEBIAN_FRONTEND=noninteractive"]
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
     expect_disconnect = false
+  }
+
+  provisioner "shell" {
+    script            = "${path.root}/scripts/80-report.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "file" {
+    direction   = "download"
+    source      = "/var/tmp/imagefactory-report.tar"
+    destination = "${var.report_directory}/report.tar"
   }
 
   provisioner "shell" {
     script            = "${path.root}/scripts/90-cleanup.sh"
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
-    environment_vars  = ["BUILD_USER=packer", "DEBIAN_FRONTEND=noninteractive"]
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
     expect_disconnect = false
   }
 

@@ -1,0 +1,48 @@
+"""Ephemeral SSH keys and NoCloud seeds: how a build or a check boot gets (only) its own access."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Path
+    public_text: str
+
+
+def ephemeral_key(directory: Path, comment: str) -> KeyPair:
+    """A new ed25519 key for one build or one boot; deleted with its run directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    private = directory / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(private)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return KeyPair(private=private, public_text=private.with_suffix(".pub").read_text().strip())
+
+
+def write_seed(directory: Path, instance_id: str, hostname: str, public_key: str) -> Path:
+    """NoCloud user-data that lets exactly ``public_key`` in, as root, and creates no user.
+
+    The build connects as root so that no build account exists to be left behind;
+    cloud-init's default user (ubuntu) is then created at the image's first real boot.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    user_data = {
+        "disable_root": False,
+        "users": [],
+        "ssh_pwauth": False,
+        "ssh_authorized_keys": [public_key],
+        # The archive-built base already has the right sources; don't let the build boot rewrite.
+        "apt": {"preserve_sources_list": True},
+    }
+    (directory / "user-data").write_text("#cloud-config\n" + yaml.safe_dump(user_data))
+    meta = {"instance-id": instance_id, "local-hostname": hostname}
+    (directory / "meta-data").write_text(yaml.safe_dump(meta))
+    return directory

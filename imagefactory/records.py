@@ -1,0 +1,142 @@
+"""Artifact records: one JSON file per artifact, next to it, moving through the states
+built -> certified | rejected -> published. Publishing reads only the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+State = Literal["built", "certified", "rejected", "published"]
+RECORD_NAME = "record.json"
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    git_commit: str
+    git_dirty: bool
+    template_sha256: str
+    packer_version: str
+    qemu_version: str = ""
+    base_image_sha256: str = ""
+    archive_release_dates: dict[str, str] = {}
+    accelerator: str = ""
+
+
+class Transition(BaseModel):
+    state: State
+    at: str
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    image: str
+    provider: str
+    serial: str
+    state: State
+    artifact: str  # a path for local artifacts, the provider's image id for clouds
+    sha256: str
+    size: int
+    kernel: str
+    manifest: str  # path of the dpkg-query -W manifest beside the artifact
+    packages: dict[str, str]
+    provenance: Provenance
+    timings: dict[str, float]
+    history: list[Transition]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Temp file in the same directory + fsync + rename: a reader sees old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def save(record: Record, path: Path) -> None:
+    write_atomically(path, record.model_dump_json(indent=2) + "\n")
+
+
+def load(path: Path) -> Record:
+    try:
+        return Record.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: unreadable record: {first}") from None
+
+
+def records_dir(build_dir: Path) -> Path:
+    return build_dir / "artifacts"
+
+
+def find_all(build_dir: Path) -> list[tuple[Path, Record]]:
+    found = []
+    for path in sorted(records_dir(build_dir).glob(f"*/*/*/{RECORD_NAME}")):
+        found.append((path, load(path)))
+    return found
+
+
+def summary(path: Path, record: Record) -> dict[str, Any]:
+    """The stable, machine-readable view of a record (`inv records --json`)."""
+    return {
+        "image": record.image,
+        "provider": record.provider,
+        "serial": record.serial,
+        "state": record.state,
+        "sha256": record.sha256,
+        "size": record.size,
+        "kernel": record.kernel,
+        "artifact": record.artifact,
+        "record": str(path),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no artifacts yet (run `inv build`)"
+    columns = ["image", "provider", "serial", "state", "sha256", "size", "artifact"]
+    cells = [
+        [
+            str(r[c])[:12]
+            if c == "sha256"
+            else f"{r[c] / 2**20:.0f} MiB"
+            if c == "size"
+            else str(r[c])
+            for c in columns
+        ]
+        for r in rows
+    ]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def dumps(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
