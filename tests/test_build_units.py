@@ -1,0 +1,103 @@
+"""Pieces of the build that need no VM: serials, reports, manifests, seeds, records."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagefactory import nocloud, records
+from imagefactory.build import next_serial, parse_manifest, read_report
+from imagefactory.errors import ConfigError, PackerError
+
+
+def test_serials_count_up_within_a_day(tmp_path: Path) -> None:
+    assert next_serial(tmp_path / "missing", today="20261126") == "20261126.1"
+    (tmp_path / "20261126.1").mkdir()
+    (tmp_path / "20261126.2").mkdir()
+    (tmp_path / "20261125.7").mkdir()
+    assert next_serial(tmp_path, today="20261126") == "20261126.3"
+
+
+def _report(tmp_path: Path, members: dict[str, str]) -> Path:
+    with tarfile.open(tmp_path / "report.tar", "w") as tar:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return tmp_path
+
+
+def test_report_gives_facts_and_manifest(tmp_path: Path) -> None:
+    manifest = "strongswan\t5.8.2-1ubuntu3.6\nlibc6:amd64\t2.31-0ubuntu9.16\n"
+    facts_text = "kernel=5.4.0-200-generic\nversion_id=20.04\ncodename=focal\n"
+    facts, text = read_report(
+        _report(tmp_path, {"facts": facts_text, "packages.manifest": manifest})
+    )
+    assert facts == {"kernel": "5.4.0-200-generic", "version_id": "20.04", "codename": "focal"}
+    assert parse_manifest(text) == {
+        "strongswan": "5.8.2-1ubuntu3.6",
+        "libc6:amd64": "2.31-0ubuntu9.16",
+    }
+
+
+def test_missing_report_is_a_build_failure(tmp_path: Path) -> None:
+    with pytest.raises(PackerError, match="did not deliver its report"):
+        read_report(tmp_path)
+
+
+def test_seed_admits_only_the_ephemeral_key_and_creates_no_user(tmp_path: Path) -> None:
+    key = nocloud.ephemeral_key(tmp_path / "ssh", comment="imagefactory-build-test")
+    seed = nocloud.write_seed(tmp_path / "seed", "iid-1", "host", key.public_text)
+    text = (seed / "user-data").read_text()
+    assert text.startswith("#cloud-config\n")
+    data = yaml.safe_load(text)
+    assert data["ssh_authorized_keys"] == [key.public_text]
+    assert data["users"] == [] and data["disable_root"] is False and data["ssh_pwauth"] is False
+    assert yaml.safe_load((seed / "meta-data").read_text())["instance-id"] == "iid-1"
+    assert key.public_text.startswith("ssh-ed25519 ") and key.private.stat().st_mode & 0o077 == 0
+
+
+def _record(**changes) -> records.Record:
+    base = dict(
+        image="ubuntu-20.04",
+        provider="qemu",
+        serial="20261126.1",
+        state="built",
+        artifact="/x/ubuntu-20.04-20261126.1.qcow2",
+        sha256="ab" * 32,
+        size=150 * 2**20,
+        kernel="5.4.0-200-generic",
+        manifest="/x/ubuntu-20.04-20261126.1.manifest",
+        packages={"strongswan": "5.8.2"},
+        provenance=records.Provenance(
+            git_commit="c0ffee", git_dirty=False, template_sha256="cd" * 32, packer_version="1.6.6"
+        ),
+        timings={"packer build": 200.0},
+        history=[records.Transition(state="built", at="2026-11-26T16:00:00Z")],
+    )
+    return records.Record(**(base | changes))
+
+
+def test_records_list_as_stable_json(tmp_path: Path) -> None:
+    path = records.records_dir(tmp_path) / "ubuntu-20.04" / "qemu" / "20261126.1" / "record.json"
+    records.save(_record(), path)
+    rows = [records.summary(p, r) for p, r in records.find_all(tmp_path)]
+    [row] = json.loads(records.dumps(rows))
+    assert {"image", "provider", "state", "sha256", "artifact", "record"} <= set(row)
+    assert row["state"] == "built" and row["record"] == str(path)
+    assert "ubuntu-20.04" in records.table(rows) and "150 MiB" in records.table(rows)
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temp files left
+
+
+def test_a_corrupt_record_is_reported_with_its_path(tmp_path: Path) -> None:
+    path = records.records_dir(tmp_path) / "ubuntu-20.04" / "qemu" / "20261126.1" / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{ half a record")
+    with pytest.raises(ConfigError, match=r"record\.json: unreadable record"):
+        records.find_all(tmp_path)
