@@ -51,6 +51,8 @@ class ArchiveBase(Strict):
     components: list[str] = ["main", "universe"]
     keyring_fingerprints: list[str] = Field(min_length=1)
     packages: list[str] = Field(min_length=1)
+    # Default: linux-image-<kernel_flavour>.
+    kernel_package: str | None = None
     disk_size: str = "4G"
 
     _fpr = field_validator("keyring_fingerprints")(_fingerprints)

@@ -70,7 +70,7 @@ class LocalDiskProvider(Provider):
         from .base import build_base  # the archive builder is only needed here
 
         base = build_base(run.image, run.settings, run.log, refresh=run.refresh_base)
-        accelerator = qemu.choose_accelerator(base.path, run.log)
+        accelerator = qemu.choose_accelerator(base.path, run.settings.cache_dir, run.log)
         key = nocloud.ephemeral_key(run.work / "ssh", comment=f"imagefactory-build-{run.serial}")
         seed = nocloud.write_seed(
             run.work / "seed",
