@@ -18,7 +18,7 @@ from imagefactory import bench, matrix
 from imagefactory import build as builder
 from imagefactory import records as artifact_records
 from imagefactory.definitions import select_images
-from imagefactory.errors import FactoryError
+from imagefactory.errors import ConfigError, FactoryError
 from imagefactory.matrix import all_secrets
 from imagefactory.packer import Packer
 from imagefactory.settings import Settings
@@ -52,7 +52,9 @@ def _settings(c) -> Settings:
 
 
 def _packer(settings: Settings, log: StepLog) -> Packer:
-    return Packer(settings.packer, secrets=all_secrets(os.environ), log=log.say)
+    # Packer's download cache belongs with ours, not in the current directory.
+    env = os.environ | {"PACKER_CACHE_DIR": str(settings.cache_dir / "packer")}
+    return Packer(settings.packer, env=env, secrets=all_secrets(os.environ), log=log.say)
 
 
 @task(iterable=["image", "provider"], help=SELECTION_HELP)
@@ -77,14 +79,26 @@ def validate(c, image=None, provider=None):
         matrix.validate_pairs(settings, pairs, packer, log)
 
 
-@task(name="bench", help={"output": "JSON lines file to append results to"})
+@task(
+    name="bench",
+    help={
+        "stage": "matrix (render+validate every pair) or build (cold base, warm base, build)",
+        "image": "image for --stage build (default: ubuntu-20.04)",
+        "output": "JSON lines file to append results to (default: build/bench.jsonl)",
+    },
+)
 @user_errors
-def benchmark(c, output=None):
-    """Benchmark: render and validate the whole matrix, record timings (build/bench.jsonl)."""
+def benchmark(c, stage="matrix", image="ubuntu-20.04", output=None):
+    """Benchmark a stage and record its timings and sizes (build/bench.jsonl)."""
     settings = _settings(c)
     log = StepLog()
-    result = bench.render_and_validate(settings, _packer(settings, log), log, output)
-    print(bench.summary(result))
+    packer = _packer(settings, log)
+    if stage == "matrix":
+        print(bench.summary(bench.render_and_validate(settings, packer, log, output)))
+    elif stage == "build":
+        print(bench.build_summary(bench.build_stages(settings, packer, log, image, output)))
+    else:
+        raise ConfigError(f"--stage: unknown stage {stage!r} (allowed: matrix, build)")
 
 
 @task(
@@ -153,8 +167,11 @@ def pipeline(c, image=None, provider=None):
     packer = _packer(settings, log)
     with log.step(f"pipeline for {', '.join(p.label for p in pairs)}"):
         matrix.validate_pairs(settings, pairs, packer, log)
-        # Honest about what exists: the stages below arrive with issues #3-#5.
-        log.say("build, certify, publish: not implemented yet (issues #3, #4, #5)")
+        for pair in pairs:
+            record_path, _ = builder.build(pair.image, pair.provider, settings, packer, log)
+            print(record_path)
+        # Honest about what exists: these stages arrive with issues #4 and #5.
+        log.say("certify, publish: not implemented yet (issues #4, #5)")
 
 
 @task(help={"fast": "skip the end-to-end tests (those marked e2e)", "k": "pytest -k expression"})

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,8 +40,18 @@ import yaml
 from filelock import FileLock
 
 from .definitions import CloudImageBase, ImageDefinition
+from .disk import (
+    Cleanup,
+    CleanupError,
+    attach_loop,
+    chroot_mounts,
+    kill_chroot_processes,
+    mounts_under,
+    safe_rmtree,
+    unmount,
+)
 from .errors import ConfigError, FactoryError
-from .runner import CommandError, require_tool, run
+from .runner import require_tool, run
 from .settings import REPO_ROOT, Settings
 from .steps import StepLog
 
@@ -104,10 +113,6 @@ class VerificationError(FactoryError):
 
 class BaseBuildError(FactoryError):
     """The built base is not what it must be (no kernel, no virtio_blk, hygiene check failed)."""
-
-
-class CleanupError(FactoryError):
-    """Mounts, loop devices or processes could not all be released."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,7 @@ def load_cached_base(entry: Path, key: str, log: StepLog) -> BaseImage | None:
     problem = _entry_problem(entry, key)
     if problem:
         log.say(f"discarding cache entry {entry}: {problem}")
-        _safe_rmtree(entry)
+        safe_rmtree(entry)
         return None
     manifest = json.loads((entry / MANIFEST_NAME).read_text())
     return _base_image(entry, manifest, from_cache=True)
@@ -364,7 +369,7 @@ def _build_entry(
 def _remove_work(work: Path, failure: BaseException | None) -> None:
     """Remove the build's scratch directory; a failure to do so is noted on ``failure``."""
     try:
-        _safe_rmtree(work)
+        safe_rmtree(work)
     except CleanupError as error:
         if failure is None:
             raise
@@ -420,7 +425,7 @@ def _build_into(
     raw = work / "disk.raw"
     with log.step("disk"), Cleanup(say) as cleanup:
         _write_disk(tree, raw, inputs["disk_size"], work / "mnt", kernel, cleanup, say)
-    _safe_rmtree(tree)
+    safe_rmtree(tree)
     with log.step("convert to qcow2"):
         qcow2 = result / QCOW2_NAME
         run(["qemu-img", "convert", "-O", "qcow2", "-c", raw, qcow2], log=say)
@@ -611,18 +616,18 @@ def _write_disk(
     with raw.open("wb") as f:
         f.truncate(parse_size(disk_size))
     run(["sfdisk", "--quiet", raw], input=PARTITION_TABLE, log=say)
-    loop = _attach_loop(raw, cleanup, say)
+    loop = attach_loop(raw, cleanup, say)
     partition = f"{loop}p1"
     # The tree's own mke2fs: a newer host one may enable features its e2fsck and GRUB lack.
     with Cleanup(say) as tree_mounts:
-        _chroot_mounts(tree, tree_mounts, say)
+        chroot_mounts(tree, tree_mounts, say)
         _chroot(tree, ["mkfs.ext4", "-q", "-L", ROOT_LABEL, partition], say)
     mnt.mkdir()
     run(["mount", partition, mnt], log=say)
-    cleanup.push(f"unmount {mnt}", partial(_unmount, mnt, say))
+    cleanup.push(f"unmount {mnt}", partial(unmount, mnt, say))
     run(["cp", "-a", f"{tree}/.", f"{mnt}/"], log=say)
     with Cleanup(say) as mounts:
-        _chroot_mounts(mnt, mounts, say)
+        chroot_mounts(mnt, mounts, say)
         _install_boot(mnt, loop, kernel, say)
     problems = hygiene_problems(mnt)
     if problems:
@@ -672,143 +677,20 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * {"M": 2**20, "G": 2**30}[match.group(2)]
 
 
-def _attach_loop(raw: Path, cleanup: Cleanup, say: Callable[[str], None]) -> str:
-    loop = run(["losetup", "--find", "--show", "--partscan", raw], capture=True, log=say)
-    device = loop.stdout.strip()
-    cleanup.push(f"detach {device}", partial(run, ["losetup", "--detach", device], log=say))
-    # No udev here: ask the kernel for the partitions; devtmpfs then makes the nodes.
-    run(["partx", "--add", device], check=False, capture=True, log=say)
-    partition = Path(f"{device}p1")
-    deadline = time.monotonic() + 10
-    while not partition.is_block_device():
-        if time.monotonic() > deadline:
-            raise BaseBuildError(f"{partition} did not appear after partx --add {device}")
-        time.sleep(0.2)
-    return device
-
-
-def _chroot_mounts(root: Path, cleanup: Cleanup, say: Callable[[str], None]) -> None:
-    for args, target in (
-        (["--bind", "/dev"], "dev"),
-        (["-t", "proc", "proc"], "proc"),
-        (["-t", "sysfs", "sysfs"], "sys"),
-    ):
-        path = root / target
-        path.mkdir(exist_ok=True)
-        run(["mount", *args, path], log=say)
-        cleanup.push(f"unmount {path}", partial(_unmount, path, say))
-    # Runs first on the way out: nothing started in the chroot may keep a mount busy.
-    cleanup.push(f"stop processes in {root}", partial(_kill_chroot_processes, root))
-
-
 # --- releasing what was acquired -------------------------------------------------------------
-
-
-class Cleanup:
-    """Undo steps, registered right after each acquisition and run in reverse order.
-
-    Every step runs even when one fails; their errors are reported together. On the way
-    out of a failure they are added to the original error instead of replacing it.
-    """
-
-    def __init__(self, say: Callable[[str], None]) -> None:
-        self.say = say
-        self._undo: list[tuple[str, Callable[[], object]]] = []
-
-    def push(self, what: str, undo: Callable[[], object]) -> None:
-        self._undo.append((what, undo))
-
-    def __enter__(self) -> Cleanup:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        errors: list[str] = []
-        interrupted = False
-        while self._undo:
-            what, undo = self._undo.pop()
-            try:
-                undo()
-            except KeyboardInterrupt:
-                interrupted = True
-                errors.append(f"{what}: interrupted")
-            except Exception as error:
-                errors.append(f"{what}: {error}")
-        for error in errors:
-            self.say(f"cleanup failed: {error}")
-        if exc is not None:
-            for error in errors:
-                exc.add_note(f"cleanup failed: {error}")
-            return False
-        if interrupted:
-            raise KeyboardInterrupt
-        if errors:
-            raise CleanupError("could not release everything: " + "; ".join(errors))
-        return False
-
-
-def _unmount(path: Path, say: Callable[[str], None]) -> None:
-    try:
-        run(["umount", path], capture=True, log=say)
-    except CommandError:
-        # Detach it anyway so nothing below it can be deleted through it; still an error.
-        run(["umount", "--lazy", path], check=False, capture=True, log=say)
-        raise
-
-
-def _kill_chroot_processes(root: Path) -> None:
-    """SIGKILL processes whose root directory is ``root`` (daemons a maintscript started)."""
-    target = os.path.realpath(root)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            proc_root = os.readlink(proc / "root")
-        except OSError:
-            continue
-        if proc_root == target or proc_root.startswith(target + "/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
-def mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below ``path``, deepest first."""
-    top = os.path.realpath(path)
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = _unescape_mountinfo(line.split()[4])
-        if point == top or point.startswith(top + "/"):
-            found.append(Path(point))
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
-
-
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _safe_rmtree(path: Path) -> None:
-    """rmtree that refuses to descend into mounts (a bind-mounted /dev, for one)."""
-    if not path.exists():
-        return
-    left = mounts_under(path)
-    if left:
-        raise CleanupError(
-            f"{path} still has mounts ({', '.join(map(str, left))}); "
-            "unmount them and remove it by hand"
-        )
-    shutil.rmtree(path)
 
 
 def _reap_stale(entry: Path, log: StepLog) -> None:
     """Release what an interrupted build of this entry left (we hold its lock)."""
     for stale in sorted(entry.parent.glob(f".{entry.name}.tmp-*")):
         log.say(f"removing what an interrupted build left: {stale}")
-        _kill_chroot_processes(stale)
+        kill_chroot_processes(stale)
         with Cleanup(log.say) as cleanup:
             for raw in stale.glob("*.raw"):
                 _detach_loops_of(raw, cleanup, log.say)
             for point in reversed(mounts_under(stale)):  # pushed shallow first: undone deepest
-                cleanup.push(f"unmount {point}", partial(_unmount, point, log.say))
-        _safe_rmtree(stale)
+                cleanup.push(f"unmount {point}", partial(unmount, point, log.say))
+        safe_rmtree(stale)
 
 
 def _detach_loops_of(raw: Path, cleanup: Cleanup, say: Callable[[str], None]) -> None:

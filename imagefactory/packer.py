@@ -104,7 +104,8 @@ class Outcome:
             artifact = by_index.setdefault((line.target, index), Artifact(builder=line.target))
             if key == "id" and rest:
                 artifact.id = rest[0]
-            elif key == "file" and len(rest) >= 2:
+            elif key == "file" and len(rest) >= 2 and rest[1] not in artifact.files:
+                # Packer repeats an artifact's lines when a post-processor passes it on.
                 artifact.files.append(rest[1])
         return [a for a in by_index.values() if a.id or a.files]
 

@@ -94,7 +94,7 @@ class LocalDiskProvider(Provider):
         }
 
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
-        disks = [Path(f) for a in artifacts for f in a.files if f.endswith(".qcow2")]
+        disks = sorted({Path(f) for a in artifacts for f in a.files if f.endswith(".qcow2")})
         if len(disks) != 1:
             raise PackerError(f"expected one qcow2 from Packer, got {[str(d) for d in disks]}")
         backing = qemu.info(disks[0]).get("backing-filename")
