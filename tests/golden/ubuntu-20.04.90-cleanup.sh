@@ -26,6 +26,13 @@ ln -s /etc/machine-id /var/lib/dbus/machine-id
 
 cloud-init clean --logs --seed
 rm -rf /var/lib/cloud/instances /var/lib/cloud/instance
+
+# The journal of this build (its logins included) must not ship: log to memory until the
+# shutdown, through a drop-in in /run that vanishes with it, and drop what was stored.
+mkdir -p /run/systemd/journald.conf.d
+printf '[Journal]\nStorage=volatile\n' > /run/systemd/journald.conf.d/imagefactory-capture.conf
+systemctl restart systemd-journald
+rm -rf /var/log/journal/*/
 find /var/log -type f -exec truncate -s 0 {} +
 rm -rf /tmp/* /var/tmp/* /root/.bash_history /home/*/.bash_history
 
