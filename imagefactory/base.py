@@ -40,6 +40,7 @@ import yaml
 from filelock import FileLock
 
 from .definitions import CloudImageBase, ImageDefinition
+from .digests import sha256_file
 from .disk import (
     Cleanup,
     CleanupError,
@@ -210,14 +211,6 @@ def cache_key(inputs: Mapping[str, Any]) -> str:
 
 def cache_entry(settings: Settings, image_name: str, key: str) -> Path:
     return settings.cache_dir / "base" / f"{image_name}-{key[:16]}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_cached_base(entry: Path, key: str, log: StepLog) -> BaseImage | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import nocloud, qemu
 from .context import BuildRun, BuiltArtifact
 from .definitions import ProviderSettings
+from .digests import sha256_file
 from .errors import ConfigError, PackerError
 from .packer import Artifact
 
@@ -126,14 +127,6 @@ class LocalDiskProvider(Provider):
             "ssh_private_key_file": str(key),
             "accelerator": "tcg",
         }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _FAKE_UUID = "00000000-0000-4000-8000-000000000000"

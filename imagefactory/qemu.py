@@ -7,13 +7,18 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from .errors import ToolMissingError
+from .runner import run
 from .steps import StepLog
 
 QEMU = "qemu-system-x86_64"
@@ -128,3 +133,80 @@ def info(path: Path) -> dict:
         check=True,
     ).stdout
     return json.loads(out)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_seed_iso(seed_dir: Path, iso: Path) -> Path:
+    """A NoCloud seed as cloud-init finds it: an ISO 9660 volume labelled cidata."""
+    run(
+        [require("xorriso", "xorriso"), "-as", "mkisofs", "-quiet", "-output", iso,
+         "-volid", "cidata", "-joliet", "-rock", seed_dir / "user-data", seed_dir / "meta-data"],
+        capture=True,
+    )  # fmt: skip
+    return iso
+
+
+@dataclass
+class VM:
+    """A running throwaway guest: its SSH port on 127.0.0.1 and its serial console log."""
+
+    process: subprocess.Popen
+    ssh_port: int
+    serial_log: Path
+    started: float
+
+    def console(self) -> str:
+        return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@contextlib.contextmanager
+def boot_overlay(
+    disk: Path,
+    work: Path,
+    seed_iso: Path,
+    accelerator: str,
+    memory_mb: int = 2048,
+    cpus: int = 2,
+    disk_format: str = "qcow2",
+) -> Iterator[VM]:
+    """Boot a copy-on-write overlay of ``disk`` (never written); stop and delete it on exit,
+    whatever happens, interrupts included."""
+    overlay = work / "overlay.qcow2"
+    run(
+        [require(QEMU_IMG, "qemu-utils"), "create", "-q", "-f", "qcow2",
+         "-b", disk.resolve(), "-F", disk_format, overlay],
+    )  # fmt: skip
+    port = free_port()
+    serial = work / "serial.log"
+    command = [
+        require(QEMU, "qemu-system-x86"), "-accel", accelerator,
+        "-m", str(memory_mb), "-smp", str(cpus), "-nodefaults", "-display", "none",
+        "-drive", f"file={overlay},if=virtio,format=qcow2",
+        "-drive", f"file={seed_iso},media=cdrom,readonly=on",
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device", "virtio-net-pci,netdev=n0",
+        "-serial", f"file:{serial}", "-monitor", "none",
+    ]  # fmt: skip
+    with (work / "qemu.log").open("w") as messages:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=messages,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: killed as a whole below
+        )
+    try:
+        yield VM(process, port, serial, time.monotonic())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        overlay.unlink(missing_ok=True)

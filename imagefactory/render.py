@@ -8,7 +8,6 @@ output intact.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import jinja2
 
 from .definitions import ImageDefinition
+from .digests import sha256_tree
 from .errors import RenderError
 from .packer import PackerFeatures
 from .providers import Provider
@@ -43,11 +43,7 @@ class Rendered:
     @property
     def sha256(self) -> str:
         """Digest of the template and its scripts, for the build's provenance."""
-        digest = hashlib.sha256()
-        for path in sorted(p for p in self.directory.rglob("*") if p.is_file()):
-            digest.update(path.relative_to(self.directory).as_posix().encode() + b"\0")
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
+        return sha256_tree(self.directory)
 
 
 def environment(templates_dir: Path) -> jinja2.Environment:
