@@ -14,9 +14,10 @@ import sys
 
 from invoke import Collection, Exit, task
 
-from imagefactory import bench, matrix
+from imagefactory import bench, checking, matrix
 from imagefactory import build as builder
 from imagefactory import records as artifact_records
+from imagefactory.certify import CertificationFailed
 from imagefactory.definitions import select_images
 from imagefactory.errors import ConfigError, FactoryError
 from imagefactory.matrix import all_secrets
@@ -152,6 +153,29 @@ def records(c, json=False):
 
 
 @task(
+    help={
+        "image": "image to certify (default: ubuntu-20.04); with --host: that image's profile",
+        "provider": "provider whose latest artifact of --image is certified (default: qemu)",
+        "record": "certify this record.json instead of the latest artifact",
+        "host": "USER@ADDR of an existing machine to check over SSH (no image: assessment)",
+        "port": "SSH port for --host (default 22)",
+        "key": "SSH private key for --host",
+    }
+)
+@user_errors
+def check(c, image=None, provider="qemu", record=None, host=None, port=22, key=None):
+    """Certify: boot a fresh instance of the artifact and run checks/ in it (or check --host)."""
+    settings = _settings(c)
+    log = StepLog()
+    if host:
+        passed = checking.check_existing_host(settings, host, int(port), key, image, log)
+    else:
+        passed = checking.certify_latest(settings, image or "ubuntu-20.04", provider, record, log)
+    if not passed:
+        raise Exit("error: a required check failed (see above)", code=CertificationFailed.exit_code)
+
+
+@task(
     iterable=["image", "provider"],
     help={
         "image": "image name (repeatable; default: ubuntu-20.04)",
@@ -188,6 +212,6 @@ def test(c, fast=False, k=None):
     c.run(shlex.join(args), pty=False)
 
 
-ns = Collection(render, validate, base, build, records, pipeline, benchmark, test)
+ns = Collection(render, validate, base, build, check, records, pipeline, benchmark, test)
 # Every setting exists (empty = default) so INVOKE_FACTORY_<NAME> can override it.
 ns.configure({"factory": {name: "" for name in Settings.names()}})

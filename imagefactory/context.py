@@ -8,6 +8,7 @@ from typing import Any
 
 from .definitions import ImageDefinition
 from .settings import Settings
+from .ssh import SSHTarget
 from .steps import StepLog
 
 
@@ -33,3 +34,13 @@ class BuiltArtifact:
     location: str  # a file path, or the provider's image id
     sha256: str
     size: int
+
+
+@dataclass
+class Instance:
+    """A booted machine under test, as the checks see it."""
+
+    target: SSHTarget
+    allowed_keys: list[str]  # this boot's authorized keys; any other is a hygiene failure
+    timings: dict[str, float] = field(default_factory=dict)  # seconds since power-on
+    system_state: str = ""  # `systemctl is-system-running` once boot settled

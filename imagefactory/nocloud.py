@@ -27,14 +27,13 @@ def ephemeral_key(directory: Path, comment: str) -> KeyPair:
     return KeyPair(private=private, public_text=private.with_suffix(".pub").read_text().strip())
 
 
-def write_seed(directory: Path, instance_id: str, hostname: str, public_key: str) -> Path:
-    """NoCloud user-data that lets exactly ``public_key`` in, as root, and creates no user.
+def build_user_data(public_key: str) -> dict:
+    """Lets exactly ``public_key`` in, as root, and creates no user.
 
     The build connects as root so that no build account exists to be left behind;
     cloud-init's default user (ubuntu) is then created at the image's first real boot.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    user_data = {
+    return {
         "disable_root": False,
         "users": [],
         "ssh_pwauth": False,
@@ -42,6 +41,15 @@ def write_seed(directory: Path, instance_id: str, hostname: str, public_key: str
         # The archive-built base already has the right sources; don't let the build boot rewrite.
         "apt": {"preserve_sources_list": True},
     }
+
+
+def instance_user_data(public_key: str) -> dict:
+    """What a cloud gives a new instance: its key for the default user, nothing else."""
+    return {"ssh_authorized_keys": [public_key]}
+
+
+def write_seed(directory: Path, instance_id: str, hostname: str, user_data: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "user-data").write_text("#cloud-config\n" + yaml.safe_dump(user_data))
     meta = {"instance-id": instance_id, "local-hostname": hostname}
     (directory / "meta-data").write_text(yaml.safe_dump(meta))

@@ -7,18 +7,24 @@ these same entries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import nocloud, qemu
-from .context import BuildRun, BuiltArtifact
-from .definitions import ProviderSettings
+from .context import BuildRun, BuiltArtifact, Instance
+from .definitions import ImageDefinition, ProviderSettings
 from .digests import sha256_file
 from .errors import ConfigError, PackerError
 from .packer import Artifact
+from .records import Record
+from .ssh import SSHTarget, wait_until_ready
+from .steps import StepLog
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,18 @@ class Provider:
             "report_directory": str(scratch / "report"),
         }
 
+    # Artifacts are files here (their digest can be re-checked), not provider image ids.
+    local_artifacts = False
+
     def prepare_build(self, run: BuildRun) -> dict[str, str]:
         """Provider-specific build-time variables, and the local inputs they point at."""
         return {}
+
+    def instance(
+        self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
+    ) -> contextlib.AbstractContextManager[Instance]:
+        """A fresh instance of the artifact, reachable over SSH; destroyed on exit, always."""
+        raise ConfigError(f"booting {self.title} instances for checks is not implemented yet")
 
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
         """The one artifact this build produced; for a cloud, its image id."""
@@ -67,6 +82,38 @@ class Provider:
 class LocalDiskProvider(Provider):
     """Builds on this machine from a base disk image built from the Ubuntu archive."""
 
+    local_artifacts = True
+    # cloud-init's default user on Ubuntu: the account a real first boot creates.
+    instance_user = "ubuntu"
+    boot_timeout_s = 900.0
+
+    @contextlib.contextmanager
+    def instance(
+        self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
+    ) -> Iterator[Instance]:
+        settings = image.provider(self.name)
+        artifact = Path(record.artifact)
+        key = nocloud.ephemeral_key(work / "ssh", comment=f"imagefactory-check-{record.serial}")
+        seed = nocloud.write_seed(
+            work / "seed",
+            instance_id=f"imagefactory-check-{uuid.uuid4()}",
+            hostname="imagefactory-check",
+            user_data=nocloud.instance_user_data(key.public_text),
+        )
+        iso = qemu.make_seed_iso(seed, work / "seed.iso")
+        accelerator = qemu.choose_accelerator(artifact, cache_dir, log)
+        boot = qemu.boot_overlay(
+            artifact, work, iso, accelerator, settings.memory_mb, settings.cpus
+        )
+        with log.step("boot a fresh overlay"), boot as vm:
+            target = SSHTarget(self.instance_user, "127.0.0.1", vm.ssh_port, key.private, True)
+            timings, state = wait_until_ready(target, vm.started, self.boot_timeout_s, vm.alive)
+            log.say(
+                f"ready: ssh {timings['ssh']:.0f} s, cloud-init {timings['cloud_init']:.0f} s, "
+                f"systemd {timings['system_ready']:.0f} s ({state})"
+            )
+            yield Instance(target, [key.public_text], timings, state)
+
     def prepare_build(self, run: BuildRun) -> dict[str, str]:
         from .base import build_base  # the archive builder is only needed here
 
@@ -77,7 +124,7 @@ class LocalDiskProvider(Provider):
             run.work / "seed",
             instance_id=f"imagefactory-build-{run.serial}",
             hostname="imagefactory-build",
-            public_key=key.public_text,
+            user_data=nocloud.build_user_data(key.public_text),
         )
         run.provenance |= {
             "base_image_sha256": base.sha256,

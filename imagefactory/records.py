@@ -31,6 +31,30 @@ class Provenance(BaseModel):
     accelerator: str = ""
 
 
+class CheckResult(BaseModel):
+    name: str
+    status: Literal["pass", "fail", "skip"]
+    required: bool = True
+    detail: str = ""
+    duration: float = 0.0
+    data: dict[str, Any] = {}
+
+
+class Certification(BaseModel):
+    """The verdict of the checks for one artifact digest and one version of checks/."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_sha256: str
+    checks_version: str
+    passed: bool
+    at: str
+    target: str  # where the checks ran (overlay boot, or user@host)
+    results: list[CheckResult]
+    boot: dict[str, float] = {}  # seconds: ssh, cloud_init, system_ready, checks
+    system_state: str = ""  # `systemctl is-system-running` after boot
+
+
 class Transition(BaseModel):
     state: State
     at: str
@@ -53,6 +77,11 @@ class Record(BaseModel):
     provenance: Provenance
     timings: dict[str, float]
     history: list[Transition]
+    certification: Certification | None = None
+
+    def move_to(self, state: State) -> None:
+        self.state = state
+        self.history.append(Transition(state=state, at=now()))
 
 
 def now() -> str:

@@ -53,7 +53,9 @@ def test_missing_report_is_a_build_failure(tmp_path: Path) -> None:
 
 def test_seed_admits_only_the_ephemeral_key_and_creates_no_user(tmp_path: Path) -> None:
     key = nocloud.ephemeral_key(tmp_path / "ssh", comment="imagefactory-build-test")
-    seed = nocloud.write_seed(tmp_path / "seed", "iid-1", "host", key.public_text)
+    seed = nocloud.write_seed(
+        tmp_path / "seed", "iid-1", "host", nocloud.build_user_data(key.public_text)
+    )
     text = (seed / "user-data").read_text()
     assert text.startswith("#cloud-config\n")
     data = yaml.safe_load(text)
