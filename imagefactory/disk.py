@@ -153,14 +153,8 @@ def safe_rmtree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted_image(
-    qcow2: Path, say: Callable[[str], None], writable: bool = False
-) -> Iterator[Path]:
-    """The root filesystem of ``qcow2``, mounted; read-only unless ``writable``.
-
-    The image is converted to a sparse raw copy (never touched in place); with
-    ``writable`` the changes are written back to ``qcow2`` after unmounting.
-    """
+def mounted_image(qcow2: Path, say: Callable[[str], None]) -> Iterator[Path]:
+    """The root filesystem of ``qcow2``, mounted read-only from a sparse raw copy."""
     with tempfile.TemporaryDirectory(prefix="imagefactory-disk-") as scratch:
         raw, mnt = Path(scratch) / "disk.raw", Path(scratch) / "root"
         run(["qemu-img", "convert", "-O", "raw", qcow2, raw], log=say)
@@ -168,9 +162,24 @@ def mounted_image(
             loop = attach_loop(raw, cleanup, say)
             mnt.mkdir()
             # noload: a read-only look must not even replay the journal.
-            options = "rw" if writable else "ro,noload"
-            run(["mount", "-o", options, f"{loop}p1", mnt], log=say)
+            run(["mount", "-o", "ro,noload", f"{loop}p1", mnt], log=say)
             cleanup.push(f"unmount {mnt}", partial(unmount, mnt, say))
             yield mnt
-        if writable:
-            run(["qemu-img", "convert", "-c", "-O", "qcow2", raw, qcow2], log=say)
+
+
+def modified_copy(
+    source: Path, destination: Path, change: Callable[[Path], None], say: Callable[[str], None]
+) -> Path:
+    """A standalone qcow2 copy of ``source`` with ``change(root)`` applied to its root
+    filesystem (for fault injection); ``source`` is never touched."""
+    with tempfile.TemporaryDirectory(prefix="imagefactory-disk-", dir=destination.parent) as tmp:
+        raw, mnt = Path(tmp) / "disk.raw", Path(tmp) / "root"
+        run(["qemu-img", "convert", "-O", "raw", source, raw], log=say)
+        with Cleanup(say) as cleanup:
+            loop = attach_loop(raw, cleanup, say)
+            mnt.mkdir()
+            run(["mount", f"{loop}p1", mnt], log=say)
+            cleanup.push(f"unmount {mnt}", partial(unmount, mnt, say))
+            change(mnt)
+        run(["qemu-img", "convert", "-O", "qcow2", raw, destination], log=say)
+    return destination

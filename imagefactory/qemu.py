@@ -117,11 +117,11 @@ def choose_accelerator(disk: Path, cache_dir: Path, log: StepLog) -> str:
 
 
 def _announce(accelerator: str, log: StepLog, cached: bool) -> str:
-    how = f"cached probe result, {CACHE_NOTE}" if cached else "probe guest"
+    how = f"cached verdict of a probe guest; {CACHE_NOTE}" if cached else "a probe guest"
     if accelerator == "kvm":
-        log.say(f"accelerator: kvm ({how} booted under KVM)")
+        log.say(f"accelerator: kvm ({how})")
     else:
-        log.say(f"notice: KVM is not usable here ({how} failed); using TCG, builds are slower")
+        log.say(f"notice: KVM is not usable here, using TCG: slower ({how})")
     return accelerator
 
 

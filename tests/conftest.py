@@ -12,9 +12,30 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory.settings import REPO_ROOT, Settings
+from imagefactory import build, matrix
+from imagefactory.packer import Packer
+from imagefactory.records import Record
+from imagefactory.settings import REPO_ROOT, Settings, default_cache_dir
+from imagefactory.steps import StepLog
 
 INV = str(Path(sys.executable).with_name("inv"))
+
+
+@pytest.fixture(scope="session")
+def e2e_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """End-to-end runs: a session build directory, the user's real cache (base images)."""
+    return Settings(build_dir=tmp_path_factory.mktemp("build"), cache_dir=default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def focal(e2e_settings: Settings) -> tuple[Path, Record]:
+    """One real build of ubuntu-20.04 on qemu for the whole session (record path, record)."""
+    if os.geteuid() != 0:
+        pytest.skip("building images needs root")
+    [pair] = matrix.select_pairs(e2e_settings, ["ubuntu-20.04"], ["qemu"])
+    cache = str(e2e_settings.cache_dir / "packer")
+    packer = Packer(env=os.environ | {"PACKER_CACHE_DIR": cache})
+    return build.build(pair.image, pair.provider, e2e_settings, packer, StepLog())
 
 
 @pytest.fixture

@@ -12,25 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import build, disk, matrix, qemu
-from imagefactory.packer import Packer
+from imagefactory import disk, qemu
 from imagefactory.records import Record
-from imagefactory.settings import Settings, default_cache_dir
-from imagefactory.steps import StepLog
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="building and mounting images needs root"),
 ]
-
-
-@pytest.fixture(scope="session")
-def focal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Record]:
-    """One real build for the whole session; the base comes from the user's cache if there."""
-    settings = Settings(build_dir=tmp_path_factory.mktemp("build"), cache_dir=default_cache_dir())
-    [pair] = matrix.select_pairs(settings, ["ubuntu-20.04"], ["qemu"])
-    packer = Packer(env=os.environ | {"PACKER_CACHE_DIR": str(settings.cache_dir / "packer")})
-    return build.build(pair.image, pair.provider, settings, packer, StepLog())
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,152 @@
+"""End to end: certify the built focal image by booting fresh overlays of it and running
+checks/ inside; then prove the gate catches faults, one broken variant per check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imagefactory import disk, records
+from imagefactory.certify import certify_record
+from imagefactory.definitions import load_image
+from imagefactory.digests import sha256_file
+from imagefactory.providers import get_provider
+from imagefactory.records import Record
+from imagefactory.settings import REPO_ROOT, Settings
+from imagefactory.steps import StepLog
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="booting and mounting images needs root"),
+]
+FOCAL = load_image(REPO_ROOT / "images" / "ubuntu-20.04.yaml")
+REQUIRED = [
+    "environment", "release", "kernel_modules", "xfrm", "ikev2_tunnel",
+    "snapd", "strongswan_service", "hygiene",
+]  # fmt: skip
+
+
+def certify(record_path: Path, settings: Settings) -> Record:
+    qemu = get_provider("qemu")
+    return certify_record(
+        record_path, qemu, FOCAL, settings.checks_dir, settings.cache_dir, StepLog()
+    )
+
+
+def failed_checks(record: Record) -> list[str]:
+    assert record.certification is not None
+    return sorted(r.name for r in record.certification.results if r.status == "fail")
+
+
+def test_the_good_image_passes_every_required_check(
+    focal: tuple[Path, Record], e2e_settings: Settings
+) -> None:
+    record_path, built = focal
+    before = sha256_file(Path(built.artifact))
+    record = certify(record_path, e2e_settings)
+    cert = record.certification
+    assert cert is not None and cert.passed, failed_checks(record)
+    assert record.state == "certified" and [t.state for t in record.history] == [
+        "built",
+        "certified",
+    ]
+    assert [r.name for r in cert.results] == REQUIRED
+    assert all(r.status == "pass" for r in cert.results), [
+        (r.name, r.status, r.detail) for r in cert.results if r.status != "pass"
+    ]
+    assert cert.artifact_sha256 == built.sha256 and len(cert.checks_version) == 64
+    assert sha256_file(Path(built.artifact)) == before, "the artifact itself is never modified"
+    assert {"ssh", "cloud_init", "system_ready", "checks"} <= set(cert.boot)
+    for suffix in ("json", "xml", "txt"):
+        assert (record_path.parent / f"certification.{suffix}").is_file()
+    # Nothing of the check boot is left behind: no overlay, no key, no seed.
+    assert [p.name for p in record_path.parent.iterdir() if p.name.startswith("check-")] == []
+    assert records.load(record_path).state == "certified"
+
+
+# Each fault breaks exactly one property of the image, offline, in a copy of it.
+def _unloadable_required_module(root: Path) -> None:
+    # xt_policy: required for `-m policy` firewall rules, and used by no other check.
+    (root / "etc/modprobe.d/broken.conf").write_text("install xt_policy /bin/false\n")
+
+
+def _snapd_reinstalled(root: Path) -> None:
+    (root / "etc/apt/preferences.d/imagefactory-pin-away").unlink()
+    for path in ("snap", "var/snap", "var/lib/snapd"):
+        (root / path).mkdir()
+    with (root / "var/lib/dpkg/status").open("a") as status:
+        status.write(
+            "\nPackage: snapd\nStatus: install ok installed\nPriority: optional\n"
+            "Section: devel\nMaintainer: Ubuntu Developers\nArchitecture: amd64\n"
+            "Version: 2.66.1+20.04\nDescription: Daemon and tooling that enable snap packages\n"
+        )
+
+
+def _strongswan_starter_disabled(root: Path) -> None:
+    (root / "etc/systemd/system/multi-user.target.wants/strongswan-starter.service").unlink()
+
+
+def _af_key_not_loaded_at_boot(root: Path) -> None:
+    (root / "etc/modules-load.d/imagefactory-strongswan.conf").unlink()
+
+
+def _leftover_authorized_key(root: Path) -> None:
+    ssh = root / "root/.ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    (ssh / "authorized_keys").write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBuildKeyLeftBehindByAnImageBuilder0000 build\n"
+    )
+
+
+def _wrong_release(root: Path) -> None:
+    # /etc/os-release is a relative symlink to ../usr/lib/os-release on Ubuntu.
+    link = root / "etc/os-release"
+    target = root / "usr/lib/os-release" if link.is_symlink() else link
+    text = target.read_text()
+    text = text.replace('VERSION_ID="20.04"', 'VERSION_ID="20.10"')
+    target.write_text(text.replace("VERSION_CODENAME=focal", "VERSION_CODENAME=groovy"))
+
+
+FAULTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "required module unloadable": (_unloadable_required_module, "kernel_modules"),
+    "snapd reinstalled": (_snapd_reinstalled, "snapd"),
+    "strongswan-starter disabled": (_strongswan_starter_disabled, "strongswan_service"),
+    "af_key not loaded at boot": (_af_key_not_loaded_at_boot, "strongswan_service"),
+    "leftover authorized key": (_leftover_authorized_key, "hygiene"),
+    "wrong release": (_wrong_release, "release"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_broken_variant_fails_exactly_its_check(
+    fault: str, focal: tuple[Path, Record], e2e_settings: Settings
+) -> None:
+    _, built = focal
+    change, catcher = FAULTS[fault]
+    variant_dir = (
+        records.records_dir(e2e_settings.build_dir) / "broken" / "qemu" / fault.replace(" ", "-")
+    )
+    variant_dir.mkdir(parents=True)
+    try:
+        artifact = disk.modified_copy(
+            Path(built.artifact), variant_dir / "variant.qcow2", change, say=lambda _l: None
+        )
+        variant = built.model_copy(
+            update={
+                "artifact": str(artifact),
+                "sha256": sha256_file(artifact),
+                "certification": None,
+                "state": "built",
+                "history": list(built.history[:1]),
+            }
+        )
+        records.save(variant, variant_dir / "record.json")
+        record = certify(variant_dir / "record.json", e2e_settings)
+        assert record.state == "rejected"
+        assert failed_checks(record) == [catcher]
+    finally:
+        shutil.rmtree(variant_dir, ignore_errors=True)
