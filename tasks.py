@@ -83,7 +83,8 @@ def validate(c, image=None, provider=None):
 @task(
     name="bench",
     help={
-        "stage": "matrix (render+validate every pair) or build (cold base, warm base, build)",
+        "stage": "matrix (render+validate every pair), build (cold base, warm base, build) "
+        "or boot (boot-to-ready: stock-like base vs the latest built image)",
         "image": "image for --stage build (default: ubuntu-20.04)",
         "output": "JSON lines file to append results to (default: build/bench.jsonl)",
     },
@@ -98,8 +99,10 @@ def benchmark(c, stage="matrix", image="ubuntu-20.04", output=None):
         print(bench.summary(bench.render_and_validate(settings, packer, log, output)))
     elif stage == "build":
         print(bench.build_summary(bench.build_stages(settings, packer, log, image, output)))
+    elif stage == "boot":
+        print(bench.boot_summary(bench.boot_comparison(settings, log, image, output)))
     else:
-        raise ConfigError(f"--stage: unknown stage {stage!r} (allowed: matrix, build)")
+        raise ConfigError(f"--stage: unknown stage {stage!r} (allowed: matrix, build, boot)")
 
 
 @task(

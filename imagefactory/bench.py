@@ -120,3 +120,65 @@ def build_summary(result: dict[str, Any]) -> str:
         f"MB, published qcow2 {b['published_qcow2'] / 1e6:.0f} MB ({size_ok} the 160 MB goal); "
         f"{result['accelerator']} on {result['cpus']} cpus; recorded in {result['recorded_in']}"
     )
+
+
+# Goal from the certify issue: the certified image is ready in at most 0.7x the time of a
+# stock-like image (the archive base, snapd still seeded), booted the same way.
+BOOT_RATIO_GOAL = 0.7
+
+
+def boot_comparison(
+    settings: Settings, log: StepLog, image: str, output: str | None = None
+) -> dict[str, Any]:
+    """Boot-to-ready of the stock-like base and of the latest built image, same run."""
+    import shutil
+    import tempfile
+
+    from .base import build_base
+    from .checking import latest_record
+    from .providers import booted_overlay
+    from .records import load
+
+    [pair] = matrix.select_pairs(settings, [image], ["qemu"])
+    stock = build_base(pair.image, settings, log).path
+    record = load(latest_record(settings, image, "qemu"))
+    timings: dict[str, dict[str, float]] = {}
+    for label, disk in (("stock_like", stock), ("certified", Path(record.artifact))):
+        work = Path(tempfile.mkdtemp(prefix="bench-boot-", dir=settings.build_dir))
+        try:
+            with (
+                log.step(f"boot {label}"),
+                booted_overlay(disk, work, settings.cache_dir, log) as vm,
+            ):
+                timings[label] = vm.timings
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    ratio = timings["certified"]["system_ready"] / timings["stock_like"]["system_ready"]
+    certification = record.certification
+    result = {
+        "benchmark": "boot-to-ready",
+        "image": image,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "seconds": timings,
+        "ratio": round(ratio, 3),
+        "check_stage_seconds": certification.boot.get("checks") if certification else None,
+        "goal_ratio": BOOT_RATIO_GOAL,
+    }
+    result["recorded_in"] = str(record_result(settings, result, output))
+    return result
+
+
+def boot_summary(result: dict[str, Any]) -> str:
+    stock, cert = result["seconds"]["stock_like"], result["seconds"]["certified"]
+    verdict = "within" if result["ratio"] <= result["goal_ratio"] else "OVER"
+    checks = result["check_stage_seconds"]
+    check_stage = f"{checks:.0f} s" if checks else "not run yet"
+    return (
+        f"ready (ssh / cloud-init / systemd): stock-like {stock['ssh']:.0f} / "
+        f"{stock['cloud_init']:.0f} / {stock['system_ready']:.0f} s, certified {cert['ssh']:.0f} / "
+        f"{cert['cloud_init']:.0f} / {cert['system_ready']:.0f} s: ratio {result['ratio']:.2f} "
+        f"({verdict} the {result['goal_ratio']} goal); check stage "
+        f"{check_stage}; recorded in {result['recorded_in']}"
+    )

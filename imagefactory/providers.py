@@ -83,63 +83,14 @@ class LocalDiskProvider(Provider):
     """Builds on this machine from a base disk image built from the Ubuntu archive."""
 
     local_artifacts = True
-    # cloud-init's default user on Ubuntu: the account a real first boot creates.
-    instance_user = "ubuntu"
-    boot_timeout_s = 900.0
 
-    @contextlib.contextmanager
     def instance(
         self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
-    ) -> Iterator[Instance]:
+    ) -> contextlib.AbstractContextManager[Instance]:
         settings = image.provider(self.name)
-        artifact = Path(record.artifact)
-        key = nocloud.ephemeral_key(work / "ssh", comment=f"imagefactory-check-{record.serial}")
-        seed = nocloud.write_seed(
-            work / "seed",
-            instance_id=f"imagefactory-check-{uuid.uuid4()}",
-            hostname="imagefactory-check",
-            user_data=nocloud.instance_user_data(key.public_text),
+        return booted_overlay(
+            Path(record.artifact), work, cache_dir, log, settings.memory_mb, settings.cpus
         )
-        iso = qemu.make_seed_iso(seed, work / "seed.iso")
-        accelerator = qemu.choose_accelerator(artifact, cache_dir, log)
-        boot = qemu.boot_overlay(
-            artifact, work, iso, accelerator, settings.memory_mb, settings.cpus
-        )
-        with log.step("boot a fresh overlay"), boot as vm:
-            target = SSHTarget(self.instance_user, "127.0.0.1", vm.ssh_port, key.private, True)
-            timings, state = wait_until_ready(target, vm.started, self.boot_timeout_s, vm.alive)
-            log.say(
-                f"ready: ssh {timings['ssh']:.0f} s, cloud-init {timings['cloud_init']:.0f} s, "
-                f"systemd {timings['system_ready']:.0f} s ({state})"
-            )
-            yield Instance(target, [key.public_text], timings, state)
-
-    def prepare_build(self, run: BuildRun) -> dict[str, str]:
-        from .base import build_base  # the archive builder is only needed here
-
-        base = build_base(run.image, run.settings, run.log, refresh=run.refresh_base)
-        accelerator = qemu.choose_accelerator(base.path, run.settings.cache_dir, run.log)
-        key = nocloud.ephemeral_key(run.work / "ssh", comment=f"imagefactory-build-{run.serial}")
-        seed = nocloud.write_seed(
-            run.work / "seed",
-            instance_id=f"imagefactory-build-{run.serial}",
-            hostname="imagefactory-build",
-            user_data=nocloud.build_user_data(key.public_text),
-        )
-        run.provenance |= {
-            "base_image_sha256": base.sha256,
-            "archive_release_dates": base.release_dates,
-            "accelerator": accelerator,
-            "qemu_version": qemu.version(),
-        }
-        return {
-            "base_image": str(base.path),
-            "base_image_checksum": f"sha256:{base.sha256}",
-            "output_directory": str(run.work / "output"),
-            "seed_directory": str(seed),
-            "ssh_private_key_file": str(key.private),
-            "accelerator": accelerator,
-        }
 
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
         disks = sorted({Path(f) for a in artifacts for f in a.files if f.endswith(".qcow2")})
@@ -174,6 +125,37 @@ class LocalDiskProvider(Provider):
             "ssh_private_key_file": str(key),
             "accelerator": "tcg",
         }
+
+
+# cloud-init's default user on Ubuntu: the account a real first boot creates.
+INSTANCE_USER = "ubuntu"
+BOOT_TIMEOUT_S = 900.0
+
+
+@contextlib.contextmanager
+def booted_overlay(
+    disk: Path, work: Path, cache_dir: Path, log: StepLog, memory_mb: int = 2048, cpus: int = 2
+) -> Iterator[Instance]:
+    """A fresh copy-on-write instance of ``disk``, booted as a cloud would boot it (a new
+    instance id, this boot's key for the default user), ready; gone on exit."""
+    key = nocloud.ephemeral_key(work / "ssh", comment=f"imagefactory-check-{work.name}")
+    seed = nocloud.write_seed(
+        work / "seed",
+        instance_id=f"imagefactory-check-{uuid.uuid4()}",
+        hostname="imagefactory-check",
+        user_data=nocloud.instance_user_data(key.public_text),
+    )
+    iso = qemu.make_seed_iso(seed, work / "seed.iso")
+    accelerator = qemu.choose_accelerator(disk, cache_dir, log)
+    boot = qemu.boot_overlay(disk, work, iso, accelerator, memory_mb, cpus)
+    with log.step("boot a fresh overlay"), boot as vm:
+        target = SSHTarget(INSTANCE_USER, "127.0.0.1", vm.ssh_port, key.private, True)
+        timings, state = wait_until_ready(target, vm.started, BOOT_TIMEOUT_S, vm.alive)
+        log.say(
+            f"ready: ssh {timings['ssh']:.0f} s, cloud-init {timings['cloud_init']:.0f} s, "
+            f"systemd {timings['system_ready']:.0f} s ({state})"
+        )
+        yield Instance(target, [key.public_text], timings, state)
 
 
 _FAKE_UUID = "00000000-0000-4000-8000-000000000000"
