@@ -57,7 +57,7 @@ from .settings import REPO_ROOT, Settings
 from .steps import StepLog
 
 # Bump whenever the build below changes what ends up in the image: it invalidates the cache.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 KEYS_DIR = REPO_ROOT / "keys"
 ARCHIVE_KEYRING = KEYS_DIR / "ubuntu-archive-keyring.asc"
@@ -200,6 +200,8 @@ def base_inputs(image: ImageDefinition, settings: Settings) -> dict[str, Any]:
         "packages": base_packages(image),
         "kernel_flavour": image.kernel_flavour,
         "disk_size": archive.disk_size,
+        "path_exclude": list(archive.path_exclude),
+        "path_include": list(archive.path_include),
         "keyring_fingerprints": sorted(archive.keyring_fingerprints),
     }
 
@@ -442,6 +444,10 @@ def mmdebstrap_command(inputs: Mapping[str, Any], keyring: Path, target: Path) -
         # Kept until we have read each pocket's Release date; removed in configure_tree.
         "--skip=cleanup/apt/lists",
         '--aptopt=Acquire::Retries "3"',
+        # Documentation a server never reads, left out like Ubuntu's minimal images do; kept
+        # for every later install too (mmdebstrap writes these into /etc/dpkg/dpkg.cfg.d).
+        *(f"--dpkgopt=path-exclude={path}" for path in inputs["path_exclude"]),
+        *(f"--dpkgopt=path-include={path}" for path in inputs["path_include"]),
         inputs["codename"],
         str(target),
         *sources,

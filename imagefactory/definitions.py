@@ -54,6 +54,9 @@ class ArchiveBase(Strict):
     # Default: linux-image-<kernel_flavour>.
     kernel_package: str | None = None
     disk_size: str = "4G"
+    # dpkg path filters (dpkg --path-exclude/--path-include), in order.
+    path_exclude: list[str] = []
+    path_include: list[str] = []
 
     _fpr = field_validator("keyring_fingerprints")(_fingerprints)
     _pkgs = field_validator("packages")(_package_names)

@@ -639,3 +639,10 @@ def boot(disk: Path, tmp: Path) -> str:
         qemu.kill()
         qemu.wait()
     return text
+
+
+def test_documentation_is_left_out_but_licences_stay(tmp_path: Path) -> None:
+    argv = mmdebstrap_command(base_inputs(IMAGE, Settings()), tmp_path / "k.gpg", tmp_path / "t")
+    exclude = argv.index("--dpkgopt=path-exclude=/usr/share/doc/*")
+    include = argv.index("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+    assert exclude < include, "dpkg applies filters in order: the include must come last"
