@@ -92,6 +92,33 @@ class LocalDiskProvider(Provider):
             Path(record.artifact), work, cache_dir, log, settings.memory_mb, settings.cpus
         )
 
+    def prepare_build(self, run: BuildRun) -> dict[str, str]:
+        from .base import build_base  # the archive builder is only needed here
+
+        base = build_base(run.image, run.settings, run.log, refresh=run.refresh_base)
+        accelerator = qemu.choose_accelerator(base.path, run.settings.cache_dir, run.log)
+        key = nocloud.ephemeral_key(run.work / "ssh", comment=f"imagefactory-build-{run.serial}")
+        seed = nocloud.write_seed(
+            run.work / "seed",
+            instance_id=f"imagefactory-build-{run.serial}",
+            hostname="imagefactory-build",
+            user_data=nocloud.build_user_data(key.public_text),
+        )
+        run.provenance |= {
+            "base_image_sha256": base.sha256,
+            "archive_release_dates": base.release_dates,
+            "accelerator": accelerator,
+            "qemu_version": qemu.version(),
+        }
+        return {
+            "base_image": str(base.path),
+            "base_image_checksum": f"sha256:{base.sha256}",
+            "output_directory": str(run.work / "output"),
+            "seed_directory": str(seed),
+            "ssh_private_key_file": str(key.private),
+            "accelerator": accelerator,
+        }
+
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
         disks = sorted({Path(f) for a in artifacts for f in a.files if f.endswith(".qcow2")})
         if len(disks) != 1:

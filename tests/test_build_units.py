@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -103,3 +104,35 @@ def test_a_corrupt_record_is_reported_with_its_path(tmp_path: Path) -> None:
     path.write_text("{ half a record")
     with pytest.raises(ConfigError, match=r"record\.json: unreadable record"):
         records.find_all(tmp_path)
+
+
+def test_qemu_build_variables_cover_every_template_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packer refuses a build with an unset variable: the provider must supply them all."""
+    from imagefactory import base, qemu
+    from imagefactory.context import BuildRun
+    from imagefactory.definitions import load_image
+    from imagefactory.packer import PackerFeatures, PackerVersion
+    from imagefactory.providers import get_provider
+    from imagefactory.render import render_files
+    from imagefactory.settings import REPO_ROOT, Settings
+    from imagefactory.steps import StepLog
+
+    image = load_image(REPO_ROOT / "images" / "ubuntu-20.04.yaml")
+    fake = base.BaseImage(tmp_path / "b.qcow2", "0" * 64, "k", {"focal": "d"}, 1, "5.4", True)
+    monkeypatch.setattr(base, "build_base", lambda *a, **k: fake)
+    monkeypatch.setattr(qemu, "choose_accelerator", lambda *a, **k: "tcg")
+    monkeypatch.setattr(qemu, "version", lambda: "QEMU emulator version 7.2")
+    settings = Settings(build_dir=tmp_path / "build", cache_dir=tmp_path / "cache")
+    run = BuildRun(image, settings, StepLog(), "20261126.1", tmp_path / "run")
+    provider = get_provider("qemu")
+    variables = {"serial", "manifest_path", "report_directory"} | set(provider.prepare_build(run))
+    template = render_files(
+        image, provider, settings.templates_dir, PackerFeatures(PackerVersion(1, 6, 6))
+    )
+    declared = set(re.findall(r'^variable "(\w+)"', template["template.pkr.hcl"], re.M))
+    assert declared - {"accelerator"} <= variables
+    assert run.provenance["base_image_sha256"] == "0" * 64
+    user_data = yaml.safe_load((run.work / "seed" / "user-data").read_text())
+    assert user_data["users"] == [] and len(user_data["ssh_authorized_keys"]) == 1
