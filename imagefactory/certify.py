@@ -91,7 +91,10 @@ def run_checks(
     target: SSHTarget, checks_dir: Path, expect: dict[str, Any], log: StepLog
 ) -> list[CheckResult]:
     """Copy checks/ to a temporary directory on the target, run them as root, remove it."""
-    remote = target.text("mktemp -d /tmp/imagefactory-checks.XXXXXX")
+    # 0711: apt's _apt user must reach the private lists the snapd check updates in it.
+    remote = target.text(
+        "d=$(mktemp -d /tmp/imagefactory-checks.XXXXXX) && chmod 0711 $d && echo $d"
+    )
     if not remote.startswith("/tmp/imagefactory-checks."):
         raise CheckRunError(f"{target.label}: unexpected temporary directory {remote!r}")
     try:
