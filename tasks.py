@@ -17,7 +17,7 @@ from invoke import Collection, Exit, task
 from imagefactory import bench, checking, matrix
 from imagefactory import build as builder
 from imagefactory import records as artifact_records
-from imagefactory.certify import CertificationFailed
+from imagefactory.certify import CertificationFailed, certify_record
 from imagefactory.definitions import select_images
 from imagefactory.errors import ConfigError, FactoryError
 from imagefactory.matrix import all_secrets
@@ -192,13 +192,21 @@ def pipeline(c, image=None, provider=None):
     log = StepLog()
     pairs = matrix.select_pairs(settings, image or ["ubuntu-20.04"], provider or ["qemu"])
     packer = _packer(settings, log)
+    verdicts = []
     with log.step(f"pipeline for {', '.join(p.label for p in pairs)}"):
         matrix.validate_pairs(settings, pairs, packer, log)
         for pair in pairs:
             record_path, _ = builder.build(pair.image, pair.provider, settings, packer, log)
-            print(record_path)
-        # Honest about what exists: these stages arrive with issues #4 and #5.
-        log.say("certify, publish: not implemented yet (issues #4, #5)")
+            record = certify_record(
+                record_path, pair.provider, pair.image, settings.checks_dir, settings.cache_dir, log
+            )
+            verdicts.append((pair.label, record.state, record_path))
+        # Honest about what exists: publishing arrives with issue #5.
+        log.say("publish: not implemented yet (issue #5); nothing was published")
+    for label, state, path in verdicts:
+        print(f"{label}: {state} ({path})")
+    if any(state != "certified" for _, state, _ in verdicts):
+        raise Exit("error: an image failed certification", code=CertificationFailed.exit_code)
 
 
 @task(help={"fast": "skip the end-to-end tests (those marked e2e)", "k": "pytest -k expression"})
