@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
+from .guest import guest_module
+
 ROOT = Path(__file__).resolve().parents[1]
 FOCAL = ROOT / "tests" / "data" / "focal"
-
-
-def guest_module(name: str):
-    """Import a module of checks/ without leaving __pycache__ in checks/ (copied to guests)."""
-    sys.path.insert(0, str(ROOT / "checks"))
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.dont_write_bytecode = saved
 
 
 environment = guest_module("environment")

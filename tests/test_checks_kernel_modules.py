@@ -3,26 +3,15 @@ image, linux-kvm 5.4 from its linux-modules package): see tests/data/kmod/record
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from .guest import guest_module
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def guest_module(name: str):
-    """Import a module of checks/ (the guest's code) without leaving __pycache__ in checks/,
-    which the host copies into the guest."""
-    sys.path.insert(0, str(ROOT / "checks"))
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.dont_write_bytecode = saved
 
 
 km = guest_module("kernel_modules")

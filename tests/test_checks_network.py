@@ -3,24 +3,14 @@ against output recorded from a real tunnel in a focal guest (tests/data/ike/reco
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
+from .guest import guest_module
+
 ROOT = Path(__file__).resolve().parents[1]
 IKE = ROOT / "tests" / "data" / "ike"
-
-
-def guest_module(name: str):
-    """Import a module of checks/ without leaving __pycache__ in checks/ (copied to guests)."""
-    sys.path.insert(0, str(ROOT / "checks"))
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.dont_write_bytecode = saved
 
 
 xfrm = guest_module("xfrm")
