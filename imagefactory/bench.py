@@ -18,6 +18,16 @@ from .steps import StepLog
 MATRIX_GOAL_SECONDS = 5.0
 
 
+def header(benchmark: str) -> dict[str, Any]:
+    """What every result carries: which benchmark, when, and on what machine."""
+    return {
+        "benchmark": benchmark,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+    }
+
+
 def record_result(settings: Settings, result: dict[str, Any], output: str | None) -> Path:
     path = Path(output) if output else settings.build_dir / "bench.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,10 +46,7 @@ def render_and_validate(
     with log.step("render and validate matrix"):
         matrix.validate_pairs(settings, pairs, packer, log)
     result = {
-        "benchmark": "render-validate-matrix",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
+        **header("render-validate-matrix"),
         "packer": str(packer.version()),
         "pairs": len(pairs),
         "seconds": {
@@ -86,11 +93,8 @@ def build_stages(
     with log.step("build on warm base"):
         _, record = build.build(pair.image, pair.provider, settings, packer, log)
     result = {
-        "benchmark": "build-stages",
+        **header("build-stages"),
         "image": image,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
         "accelerator": record.provenance.accelerator,
         "seconds": {
             "cold_base": log.timings["cold base"],
@@ -156,11 +160,8 @@ def boot_comparison(
     ratio = timings["certified"]["system_ready"] / timings["stock_like"]["system_ready"]
     certification = record.certification
     result = {
-        "benchmark": "boot-to-ready",
+        **header("boot-to-ready"),
         "image": image,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
         "seconds": timings,
         "ratio": round(ratio, 3),
         "check_stage_seconds": certification.boot.get("checks") if certification else None,
