@@ -150,3 +150,30 @@ def test_a_broken_variant_fails_exactly_its_check(
         assert failed_checks(record) == [catcher]
     finally:
         shutil.rmtree(variant_dir, ignore_errors=True)
+
+
+def test_provider_assessment_of_a_stock_vm_over_ssh(e2e_settings: Settings, tmp_path: Path) -> None:
+    """`inv check --host` without an image, on a stock-like VM (the archive base: no strongSwan):
+    the kernel can host an IPsec server, the tunnel test is skipped for want of strongSwan, and
+    nothing of the checks is left on the machine."""
+    from imagefactory.base import build_base
+    from imagefactory.certify import check_host
+    from imagefactory.providers import booted_overlay
+
+    log = StepLog()
+    stock = build_base(FOCAL, e2e_settings, log).path
+    work = tmp_path / "vm"
+    work.mkdir()
+    with booted_overlay(stock, work, e2e_settings.cache_dir, log) as vm:
+        target = vm.target  # as a maintainer would connect: the default user and its key
+        result = check_host(target, None, FOCAL, e2e_settings.checks_dir, tmp_path / "r", log)
+        left = target.text("ls -d /tmp/imagefactory-checks.* 2>/dev/null || true")
+    statuses = {r.name: r.status for r in result.results}
+    assert statuses == {
+        "environment": "pass",
+        "kernel_modules": "pass",
+        "xfrm": "pass",
+        "ikev2_tunnel": "skip",
+    }
+    assert result.passed and left == ""
+    assert (tmp_path / "r" / "checks.xml").is_file()
