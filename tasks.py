@@ -1,7 +1,8 @@
 """Invoke tasks: arguments in, calls into the imagefactory package, exit codes out.
 
 Run them through ./factory (which installs what is missing first) or .venv/bin/inv.
-Exit codes: 0 ok, 1 failure, 2 bad input, 3 template error, 4 tool missing, 5 Packer failed.
+Exit codes: 0 ok, 1 failure, 2 bad input, 3 template error, 4 tool missing, 5 Packer failed,
+6 a required check failed (image rejected), 130 interrupted.
 Set FACTORY_DEBUG=1 for a traceback instead of the one-line message.
 """
 
