@@ -203,6 +203,22 @@ class Service(Strict):
         return value.removesuffix(".service")
 
 
+class Boot(Strict):
+    """What a VPN server need not do at boot: cloud-init modules it never uses (skipped from the
+    installed cloud.cfg's lists, so the rest stays as the release ships it) and units to mask."""
+
+    skip_cloud_init_modules: list[str] = []
+    mask_units: list[str] = []
+
+    @field_validator("mask_units")
+    @classmethod
+    def _units(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.match(r"^[A-Za-z0-9@_.-]+\.(service|timer|socket|mount|path)$", value):
+                raise ValueError(f"{value!r} is not a systemd unit name like e2scrub_reap.service")
+        return values
+
+
 class KernelModulesCheck(Strict):
     required: list[str] = Field(min_length=1)
     optional: list[str] = []
@@ -233,6 +249,7 @@ class ImageDefinition(Strict):
     kernel_flavour: str
     packages: Packages
     service: Service
+    boot: Boot = Boot()
     base: BaseSources
     providers: Providers
     checks: Checks

@@ -107,3 +107,15 @@ def logins_in_wtmp(path: Path) -> list[str]:
         if kind == 7:  # USER_PROCESS
             users.append(data[offset + 44 : offset + 76].rstrip(b"\0").decode(errors="replace"))
     return users
+
+
+def test_boot_leaves_out_what_a_vpn_server_does_not_use(root: Path) -> None:
+    import yaml
+
+    dropin = yaml.safe_load((root / "etc/cloud/cloud.cfg.d/90_imagefactory_boot.cfg").read_text())
+    config = dropin["cloud_config_modules"]
+    assert "snap" not in config and "ubuntu_pro" not in config
+    assert {"apt_configure", "runcmd"} <= set(config)  # what clouds need stays
+    assert {"growpart", "users_groups", "ssh"} <= set(dropin["cloud_init_modules"])
+    for unit in ("e2scrub_reap.service", "ondemand.service", "grub-initrd-fallback.service"):
+        assert os.readlink(root / "etc/systemd/system" / unit) == "/dev/null", unit

@@ -105,6 +105,7 @@ def test_render_writes_only_under_the_build_dir(tmp_path: Path) -> None:
     rendered = tmp_path / "build" / "rendered" / "ubuntu-20.04" / "qemu"
     assert (rendered / "template.pkr.hcl").is_file()
     assert sorted(p.name for p in (rendered / "scripts").iterdir()) == [
-        "00-prepare.sh", "10-upgrade.sh", "20-purge.sh", "30-strongswan.sh", "80-report.sh",
+        "00-prepare.sh", "10-upgrade.sh", "20-purge.sh", "30-strongswan.sh", "40-boot.sh",
+        "80-report.sh",
         "90-cleanup.sh",
     ]  # fmt: skip

@@ -72,6 +72,13 @@ build {
   }
 
   provisioner "shell" {
+    script            = "${path.root}/scripts/40-boot.sh"
+    execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
+    environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
+    expect_disconnect = false
+  }
+
+  provisioner "shell" {
     script            = "${path.root}/scripts/80-report.sh"
     execute_command   = "chmod +x {{ .Path }}; sudo -E -S env {{ .Vars }} bash '{{ .Path }}'"
     environment_vars  = ["BUILD_USER=root", "DEBIAN_FRONTEND=noninteractive"]
