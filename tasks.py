@@ -2,27 +2,33 @@
 
 Run them through ./factory (which installs what is missing first) or .venv/bin/inv.
 Exit codes: 0 ok, 1 failure, 2 bad input, 3 template error, 4 tool missing, 5 Packer failed,
-6 a required check failed (image rejected), 130 interrupted.
+6 a required check failed (image rejected), 7 the gate refused to publish, 75 another run
+holds the build directory (try later), 130 interrupted.
 Set FACTORY_DEBUG=1 for a traceback instead of the one-line message.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from imagefactory import bench, checking, matrix
+from imagefactory import bench, checking, matrix, runs
 from imagefactory import build as builder
+from imagefactory import pipeline as pipeline_
+from imagefactory import rebuild as rebuild_
 from imagefactory import records as artifact_records
-from imagefactory.certify import CertificationFailed, certify_record
+from imagefactory.certify import CertificationFailed
 from imagefactory.definitions import select_images
 from imagefactory.errors import ConfigError, FactoryError
 from imagefactory.matrix import all_secrets
 from imagefactory.packer import Packer
+from imagefactory.publish import publish_record, publishable_records
 from imagefactory.settings import Settings
 from imagefactory.steps import StepLog
 
@@ -85,7 +91,8 @@ def validate(c, image=None, provider=None):
     name="bench",
     help={
         "stage": "matrix (render+validate every pair), build (cold base, warm base, build) "
-        "or boot (boot-to-ready: stock-like base vs the latest built image)",
+        "boot (boot-to-ready: stock-like base vs the latest built image) or pipeline "
+        "(a cold pipeline in a scratch build directory, then a no-op rebuild)",
         "image": "image for --stage build (default: ubuntu-20.04)",
         "output": "JSON lines file to append results to (default: build/bench.jsonl)",
     },
@@ -102,8 +109,14 @@ def benchmark(c, stage="matrix", image="ubuntu-20.04", output=None):
         print(bench.build_summary(bench.build_stages(settings, packer, log, image, output)))
     elif stage == "boot":
         print(bench.boot_summary(bench.boot_comparison(settings, log, image, output)))
+    elif stage == "pipeline":
+        with runs.exclusive(settings.build_dir, "inv bench --stage pipeline", log):
+            result = bench.pipeline_stages(settings, packer, log, image, output)
+        print(bench.pipeline_summary(result))
     else:
-        raise ConfigError(f"--stage: unknown stage {stage!r} (allowed: matrix, build, boot)")
+        raise ConfigError(
+            f"--stage: unknown stage {stage!r} (allowed: matrix, build, boot, pipeline)"
+        )
 
 
 @task(
@@ -139,9 +152,10 @@ def build(c, image="ubuntu-20.04", provider="qemu", refresh_base=False, keep_on_
     log = StepLog()
     [pair] = matrix.select_pairs(settings, [image], [provider])
     packer = _packer(settings, log)
-    record_path, _ = builder.build(
-        pair.image, pair.provider, settings, packer, log, refresh_base, keep_on_error
-    )
+    with runs.exclusive(settings.build_dir, "inv build", log):
+        record_path, _ = builder.build(
+            pair.image, pair.provider, settings, packer, log, refresh_base, keep_on_error
+        )
     print(record_path)
 
 
@@ -174,40 +188,114 @@ def check(c, image=None, provider="qemu", record=None, host=None, port=22, key=N
     if host:
         passed = checking.check_existing_host(settings, host, int(port), key, image, log)
     else:
-        passed = checking.certify_latest(settings, image or "ubuntu-20.04", provider, record, log)
+        with runs.exclusive(settings.build_dir, "inv check", log):
+            passed = checking.certify_latest(
+                settings, image or "ubuntu-20.04", provider, record, log
+            )
     if not passed:
         raise Exit("error: a required check failed (see above)", code=CertificationFailed.exit_code)
+
+
+PAIR_HELP = {
+    "image": "image name (repeatable; default: ubuntu-20.04)",
+    "provider": "provider name (repeatable; default: qemu)",
+}
+
+
+def _pairs(settings: Settings, image: list[str] | None, provider: list[str] | None):
+    return matrix.select_pairs(settings, image or ["ubuntu-20.04"], provider or ["qemu"])
+
+
+@task(
+    iterable=["image", "provider"],
+    help=PAIR_HELP
+    | {
+        "record": "publish this record.json instead of each pair's newest certified artifact",
+    },
+)
+@user_errors
+def publish(c, image=None, provider=None, record=None):
+    """Publish certified artifacts; the gate refuses anything not certified as it is now."""
+    settings = _settings(c)
+    log = StepLog()
+    if record:
+        paths = [Path(record)]
+    else:
+        paths = [_newest_record(settings, pair) for pair in _pairs(settings, image, provider)]
+    with runs.exclusive(settings.build_dir, "inv publish", log):
+        for path in paths:
+            published = publish_record(path, settings, log)
+            print(published.publication.location)
+
+
+def _newest_record(settings: Settings, pair) -> Path:
+    found = publishable_records(settings, pair.image.name, pair.provider.name)
+    if not found:
+        raise ConfigError(f"no built artifact of {pair.label} (run `inv pipeline` first)")
+    return found[0]
+
+
+@task(iterable=["image", "provider"], help=PAIR_HELP | {"refresh_base": "rebuild the base"})
+@user_errors
+def pipeline(c, image=None, provider=None, refresh_base=False):
+    """The main job: validate -> base -> build -> certify -> publish (default: 20.04 on qemu)."""
+    settings = _settings(c)
+    log = StepLog()
+    pairs = _pairs(settings, image, provider)
+    packer = _packer(settings, log)
+    with runs.exclusive(settings.build_dir, "inv pipeline", log):
+        outcomes = pipeline_.run_pipeline(pairs, settings, packer, log, refresh_base)
+    print(pipeline_.summary_table(outcomes))
+    code = pipeline_.exit_code(outcomes)
+    if code:
+        raise Exit("error: not everything was published (see the table above)", code=code)
 
 
 @task(
     iterable=["image", "provider"],
     help={
-        "image": "image name (repeatable; default: ubuntu-20.04)",
-        "provider": "provider name (repeatable; default: qemu)",
+        "image": "image name (repeatable; default: the pairs in factory.schedule)",
+        "provider": "provider name (repeatable; default: the pairs in factory.schedule)",
+        "force": "rebuild even when nothing changed",
     },
 )
 @user_errors
-def pipeline(c, image=None, provider=None):
-    """The main job: render -> validate -> build -> certify -> publish (default: 20.04 on qemu)."""
+def rebuild(c, image=None, provider=None, force=False):
+    """For schedulers: the pipeline, skipping unchanged images; writes reports, notifies."""
     settings = _settings(c)
     log = StepLog()
-    pairs = matrix.select_pairs(settings, image or ["ubuntu-20.04"], provider or ["qemu"])
+    if image or provider:
+        pairs = _pairs(settings, image, provider)
+    else:
+        pairs = matrix.scheduled_pairs(settings)
     packer = _packer(settings, log)
-    verdicts = []
-    with log.step(f"pipeline for {', '.join(p.label for p in pairs)}"):
-        matrix.validate_pairs(settings, pairs, packer, log)
-        for pair in pairs:
-            record_path, _ = builder.build(pair.image, pair.provider, settings, packer, log)
-            record = certify_record(
-                record_path, pair.provider, pair.image, settings.checks_dir, settings.cache_dir, log
-            )
-            verdicts.append((pair.label, record.state, record_path))
-        # Honest about what exists: publishing arrives with issue #5.
-        log.say("publish: not implemented yet (issue #5); nothing was published")
-    for label, state, path in verdicts:
-        print(f"{label}: {state} ({path})")
-    if any(state != "certified" for _, state, _ in verdicts):
-        raise Exit("error: an image failed certification", code=CertificationFailed.exit_code)
+    with runs.exclusive(settings.build_dir, "inv rebuild", log):
+        outcomes, report = rebuild_.rebuild(pairs, settings, packer, log, force)
+        path = rebuild_.write_reports(report, settings.build_dir / "reports")
+    rebuild_.notify(report, settings, log)
+    print(pipeline_.summary_table(outcomes))
+    print(f"report: {path}")
+    if report["exit_code"]:
+        raise Exit(
+            "error: the rebuild did not complete (see the table above)", code=report["exit_code"]
+        )
+
+
+@task(
+    name="matrix",
+    iterable=["image", "provider"],
+    help=SELECTION_HELP | {"scheduled": "only the pairs in factory.schedule"},
+)
+@user_errors
+def matrix_(c, image=None, provider=None, scheduled=False):
+    """Print the image x provider matrix as JSON, for a CI system to fan out over runners."""
+    settings = _settings(c)
+    if scheduled:
+        pairs = matrix.scheduled_pairs(settings)
+    else:
+        pairs = matrix.select_pairs(settings, image, provider)
+    include = [{"image": p.image.name, "provider": p.provider.name} for p in pairs]
+    print(json.dumps({"include": include}, indent=2))
 
 
 @task(help={"fast": "skip the end-to-end tests (those marked e2e)", "k": "pytest -k expression"})
@@ -224,6 +312,19 @@ def test(c, fast=False, k=None):
     c.run(shlex.join(args), pty=False)
 
 
-ns = Collection(render, validate, base, build, check, records, pipeline, benchmark, test)
+ns = Collection(
+    render,
+    validate,
+    base,
+    build,
+    check,
+    publish,
+    records,
+    pipeline,
+    rebuild,
+    matrix_,
+    benchmark,
+    test,
+)
 # Every setting exists (empty = default) so INVOKE_FACTORY_<NAME> can override it.
 ns.configure({"factory": {name: "" for name in Settings.names()}})

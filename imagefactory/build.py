@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import tarfile
@@ -11,6 +13,7 @@ from pathlib import Path
 from . import records
 from .context import BuildRun, BuiltArtifact
 from .definitions import ImageDefinition
+from .digests import sha256_tree
 from .errors import PackerError
 from .packer import Packer
 from .providers import Provider
@@ -46,6 +49,18 @@ def git_state(root: Path = REPO_ROOT) -> tuple[str, bool]:
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
     return commit, bool(status.strip())
+
+
+def inputs_sha256(image: ImageDefinition, provider: Provider, settings: Settings) -> str:
+    """What decides the image besides the archive's package versions (checked separately)."""
+    inputs = {
+        "definition": image.model_dump(mode="json"),
+        "provider": provider.name,
+        "templates": sha256_tree(settings.templates_dir),
+        "mirror": settings.mirror,
+    }
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def read_report(report_dir: Path) -> tuple[dict[str, str], str]:
@@ -157,6 +172,7 @@ def _record(
             git_dirty=dirty,
             template_sha256=template_sha256,
             packer_version=str(packer.version()),
+            inputs_sha256=inputs_sha256(run.image, provider, run.settings),
             **run.provenance,
         ),
         timings=timings,

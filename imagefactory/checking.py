@@ -28,7 +28,7 @@ def latest_record(settings: Settings, image: str, provider: str) -> Path:
             f"no built artifact of {image} on {provider} in {settings.build_dir} "
             f"(run `inv build --image {image} --provider {provider}` first)"
         )
-    return max(found, key=lambda p: tuple(int(n) for n in p.parent.name.split(".")))
+    return max(found, key=lambda p: records.serial_key(p.parent.name))
 
 
 def certify_latest(

@@ -47,6 +47,15 @@ def select_pairs(
     return pairs
 
 
+def scheduled_pairs(settings: Settings) -> list[Pair]:
+    """The pairs `factory.schedule` names, for `inv rebuild` without a selection."""
+    return [
+        pair
+        for image, provider in settings.scheduled_pairs
+        for pair in select_pairs(settings, [image], [provider])
+    ]
+
+
 def render_pairs(
     settings: Settings, pairs: list[Pair], features: PackerFeatures, log: StepLog
 ) -> list[Rendered]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from packerpy import PackerExecutable
 
 from .errors import PackerError, ToolMissingError
+from .runner import die_with_parent
 
 LineHandler = Callable[[str], None]
 
@@ -156,6 +157,8 @@ class StreamingPackerExecutable(PackerExecutable):
             text=True,
             bufsize=1,
             start_new_session=True,
+            # If we are killed, Packer gets SIGTERM and stops the QEMU it started.
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         collected: list[str] = []
         try:

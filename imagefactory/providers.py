@@ -23,6 +23,7 @@ from .digests import sha256_file
 from .errors import ConfigError, PackerError
 from .packer import Artifact
 from .records import Record
+from .settings import Settings
 from .ssh import SSHTarget, wait_until_ready
 from .steps import StepLog
 
@@ -69,6 +70,16 @@ class Provider:
         """A fresh instance of the artifact, reachable over SSH; destroyed on exit, always."""
         raise ConfigError(f"booting {self.title} instances for checks is not implemented yet")
 
+    def publish(
+        self, record: Record, image: ImageDefinition, settings: Settings, log: StepLog
+    ) -> str:
+        """Make a certified artifact available to users; returns where it went.
+        Only called through the gate (publish.publish_record)."""
+        raise ConfigError(f"publishing to {self.title} is not implemented yet (issue #6)")
+
+    def recover(self, settings: Settings, log: StepLog) -> None:
+        """Undo what a killed run left half-done in the publisher (start of every run)."""
+
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
         """The one artifact this build produced; for a cloud, its image id."""
         ids = [a.id for a in artifacts if a.id]
@@ -91,6 +102,15 @@ class LocalDiskProvider(Provider):
         return booted_overlay(
             Path(record.artifact), work, cache_dir, log, settings.memory_mb, settings.cpus
         )
+
+    def publish(
+        self, record: Record, image: ImageDefinition, settings: Settings, log: StepLog
+    ) -> str:
+        return str(local_store(settings, log).publish(record, image))
+
+    def recover(self, settings: Settings, log: StepLog) -> None:
+        if settings.store.exists():
+            local_store(settings, log).recover()
 
     def prepare_build(self, run: BuildRun) -> dict[str, str]:
         from .base import build_base  # the archive builder is only needed here
@@ -152,6 +172,13 @@ class LocalDiskProvider(Provider):
             "ssh_private_key_file": str(key),
             "accelerator": "tcg",
         }
+
+
+def local_store(settings: Settings, log: StepLog):
+    from .store import LocalStore, StoreConfig
+
+    config = StoreConfig(settings.store, settings.keep, settings.signing_key, settings.gnupghome)
+    return LocalStore(config, log.say)
 
 
 # cloud-init's default user on Ubuntu: the account a real first boot creates.

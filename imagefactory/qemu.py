@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from .errors import ToolMissingError
-from .runner import run
+from .runner import die_with_parent, run
 from .steps import StepLog
 
 QEMU = "qemu-system-x86_64"
@@ -70,6 +70,7 @@ def kvm_usable(disk: Path, timeout: float = 20.0) -> bool:
             stdout=messages.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
         try:
             return _watch_probe(proc, serial, messages, timeout)
@@ -202,6 +203,7 @@ def boot_overlay(
             stdout=messages,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: killed as a whole below
+            preexec_fn=die_with_parent(signal.SIGKILL),  # and with us, if we are killed
         )
     try:
         yield VM(process, port, serial, time.monotonic())

@@ -29,6 +29,9 @@ class Provenance(BaseModel):
     base_image_sha256: str = ""
     archive_release_dates: dict[str, str] = {}
     accelerator: str = ""
+    # Digest of everything that decides the build (definition, templates, mirror, provider):
+    # a scheduled rebuild skips an image whose inputs and archive versions did not move.
+    inputs_sha256: str = ""
 
 
 class CheckResult(BaseModel):
@@ -55,6 +58,16 @@ class Certification(BaseModel):
     system_state: str = ""  # `systemctl is-system-running` after boot
 
 
+class Publication(BaseModel):
+    """Where the artifact went: a store directory, or the provider's published image id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    location: str
+    at: str
+    checks_version: str  # of the certification the gate accepted
+
+
 class Transition(BaseModel):
     state: State
     at: str
@@ -78,6 +91,7 @@ class Record(BaseModel):
     timings: dict[str, float]
     history: list[Transition]
     certification: Certification | None = None
+    publication: Publication | None = None
 
     def move_to(self, state: State) -> None:
         self.state = state
@@ -120,6 +134,11 @@ def load(path: Path) -> Record:
         raise ConfigError(f"{path}: unreadable record: {first}") from None
 
 
+def serial_key(serial: str) -> tuple[int, ...]:
+    """Sort key of a YYYYMMDD.N serial: 20261126.10 comes after 20261126.9."""
+    return tuple(int(n) for n in serial.split(".") if n.isdigit())
+
+
 def records_dir(build_dir: Path) -> Path:
     return build_dir / "artifacts"
 
@@ -143,6 +162,7 @@ def summary(path: Path, record: Record) -> dict[str, Any]:
         "kernel": record.kernel,
         "artifact": record.artifact,
         "record": str(path),
+        "published": record.publication.location if record.publication else None,
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_WHEN = ("failure", "always")
 
 
 def default_cache_dir() -> Path:
@@ -35,6 +36,19 @@ class Settings:
     packer: str = "packer"
     # Overrides every image's archive mirror (a local mirror or caching proxy).
     mirror: str = ""
+    # The qemu provider's publisher: a directory any static web server can serve.
+    # Default: <build_dir>/store.
+    store_dir: Path | None = None
+    # Retention: the newest N published serials of each image stay; older ones are pruned.
+    keep: int = 3
+    # GPG key (fingerprint or id) that signs SHA256SUMS and the streams; empty = unsigned.
+    signing_key: str = ""
+    gnupghome: str = ""  # GnuPG home holding signing_key (default: gpg's own, ~/.gnupg)
+    # `inv rebuild` without --image/--provider: these IMAGE:PROVIDER pairs, comma-separated.
+    schedule: str = "ubuntu-20.04:qemu"
+    # `inv rebuild` posts its JSON report here (on failure, or always with webhook_on=always).
+    webhook_url: str = ""
+    webhook_on: str = "failure"
 
     @classmethod
     def names(cls) -> list[str]:
@@ -53,12 +67,50 @@ class Settings:
         for name, value in values.items():
             if value in (None, ""):
                 continue
-            if not isinstance(value, (str, os.PathLike)):
+            kwargs[name] = _convert(source, name, known[name].type, value)
+        settings = cls(**kwargs)
+        settings.check(source)
+        return settings
+
+    def check(self, source: str = "invoke.yaml") -> None:
+        if self.keep < 1:
+            raise ConfigError(f"{source}: factory.keep: {self.keep} (allowed: 1 or more)")
+        if self.webhook_on not in WEBHOOK_WHEN:
+            raise ConfigError(
+                f"{source}: factory.webhook_on: {self.webhook_on!r} "
+                f"(allowed: {', '.join(WEBHOOK_WHEN)})"
+            )
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: factory.webhook_url: not an http(s) URL")
+
+    @property
+    def store(self) -> Path:
+        return self.store_dir or self.build_dir / "store"
+
+    @property
+    def scheduled_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.schedule.split(","))):
+            image, colon, provider = item.partition(":")
+            if not colon or not image or not provider:
                 raise ConfigError(
-                    f"{source}: factory.{name}: expected a string, got {type(value).__name__}"
+                    f"factory.schedule: {item!r} is not IMAGE:PROVIDER (e.g. ubuntu-20.04:qemu)"
                 )
-            kwargs[name] = Path(value).expanduser() if known[name].type == "Path" else str(value)
-        return cls(**kwargs)
+            pairs.append((image, provider))
+        return pairs
 
     def rendered_dir(self, image: str, provider: str) -> Path:
         return self.build_dir / "rendered" / image / provider
+
+
+def _convert(source: str, name: str, kind: str, value: Any) -> Any:
+    """A setting from YAML or the environment (always a string there) as its field's type."""
+    where = f"{source}: factory.{name}"
+    if kind == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+    return Path(value).expanduser() if kind.startswith("Path") else str(value)
