@@ -3,6 +3,7 @@ that cannot be delivered is logged, never a reason for the run itself to fail.""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,8 @@ BACKOFF_S = 1.0  # 1, 2, 4 s between attempts, unless the server's Retry-After s
 
 
 def session() -> requests.Session:
+    # urllib3 logs each retry with the request's path and query, where webhook tokens live.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     retry = Retry(
         total=RETRIES,
         backoff_factor=BACKOFF_S,

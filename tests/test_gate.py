@@ -30,7 +30,7 @@ def test_a_certified_artifact_passes(settings: Settings) -> None:
 
 @pytest.mark.parametrize(
     ("state", "expected"),
-    [("built", "not certified (state built)"), ("rejected", "rejected by certification")],
+    [("built", r"not certified \(state built\)"), ("rejected", "rejected by certification")],
 )
 def test_uncertified_or_rejected_is_refused(settings: Settings, state: str, expected: str) -> None:
     path = make_record(settings, state=state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -185,27 +186,41 @@ def url(server: ThreadingHTTPServer) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}/hook?token=s3cret"
 
 
-def test_webhook_gets_the_report_after_retrying_429_and_500(hook, capsys) -> None:
+def quiet_log() -> StepLog:
+    return StepLog(out=io.StringIO())
+
+
+def said(log: StepLog) -> str:
+    return log.out.getvalue()  # type: ignore[attr-defined]
+
+
+def test_webhook_gets_the_report_after_retrying_429_and_500(hook, caplog) -> None:
     hook.statuses += [429, 500]
-    assert notify.post_report(url(hook), {"exit_code": 1}, StepLog()) is True
+    log = quiet_log()
+    assert notify.post_report(url(hook), {"exit_code": 1}, log) is True
     assert hook.bodies == [{"exit_code": 1}] * 3
-    assert "s3cret" not in capsys.readouterr().err
+    assert "s3cret" not in said(log) + caplog.text
 
 
-def test_a_failing_webhook_only_warns(hook, capsys) -> None:
+def test_a_failing_webhook_only_warns(hook, caplog) -> None:
     hook.statuses += [500] * 10
-    assert notify.post_report(url(hook), {"exit_code": 1}, StepLog()) is False
-    err = capsys.readouterr().err
-    assert "warning: webhook http://127.0.0.1" in err and "HTTP 500" in err
-    assert "s3cret" not in err and len(hook.bodies) == notify.RETRIES + 1
+    log = quiet_log()
+    assert notify.post_report(url(hook), {"exit_code": 1}, log) is False
+    assert "warning: webhook http://127.0.0.1" in said(log) and "HTTP 500" in said(log)
+    assert "s3cret" not in said(log) + caplog.text
+    assert len(hook.bodies) == notify.RETRIES + 1
 
 
-def test_an_unreachable_or_slow_webhook_only_warns(monkeypatch, capsys) -> None:
+def test_an_unreachable_or_slow_webhook_only_warns(monkeypatch) -> None:
     monkeypatch.setattr(notify, "BACKOFF_S", 0.0)
     monkeypatch.setattr(notify, "TIMEOUT_S", (0.5, 0.5))
+    log = quiet_log()
     with socket_that_never_answers() as port:
-        assert notify.post_report(f"http://127.0.0.1:{port}/", {}, StepLog()) is False
-    assert "not notified: " in capsys.readouterr().err
+        assert notify.post_report(f"http://127.0.0.1:{port}/", {}, log) is False
+    assert "not notified: ConnectionError" in said(log)
+    with socket_that_never_answers() as port:
+        pass  # closed now: connection refused
+    assert notify.post_report(f"http://127.0.0.1:{port}/", {}, log) is False
 
 
 class socket_that_never_answers:
