@@ -300,3 +300,28 @@ def test_sweep_removes_what_a_killed_run_left(tmp_path: Path) -> None:
     assert not half.exists() and not (done / "work").exists()
     assert not (done / "check-abc123").exists() and (done / "record.json").is_file()
     assert not (settings.build_dir / f"{runs.LOCK_NAME}.owner").exists()
+
+
+# --- the matrix for CI fan-out ---------------------------------------------------------------
+
+
+def test_matrix_prints_every_pair_for_a_ci_matrix(tmp_path: Path) -> None:
+    result = run_inv("matrix", tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    include = json.loads(result.stdout)["include"]
+    assert len(include) == 24 and {"image": "ubuntu-20.04", "provider": "qemu"} in include
+    assert all(set(item) == {"image", "provider"} for item in include)
+
+
+def test_matrix_scheduled_follows_the_schedule_setting(tmp_path: Path) -> None:
+    env = {"INVOKE_FACTORY_SCHEDULE": "ubuntu-22.04:hcloud, ubuntu-20.04:qemu"}
+    result = run_inv("matrix", "--scheduled", env=env, tmp=tmp_path)
+    assert json.loads(result.stdout)["include"] == [
+        {"image": "ubuntu-22.04", "provider": "hcloud"},
+        {"image": "ubuntu-20.04", "provider": "qemu"},
+    ]
+    bad = run_inv("matrix", "--scheduled", env={"INVOKE_FACTORY_SCHEDULE": "focal"}, tmp=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: factory.schedule: 'focal' is not IMAGE:PROVIDER (e.g. ubuntu-20.04:qemu)"
+    )
