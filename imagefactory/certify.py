@@ -205,7 +205,12 @@ def certify_record(
         system_state=instance.system_state,
     )
     record.certification = certification
-    record.move_to("certified" if certification.passed else "rejected")
+    if record.state == "published" and certification.passed:
+        log.say(f"{label} stays published: it passes today's checks too")
+    else:
+        if record.state == "published":
+            log.say(f"warning: {label} is published but fails today's checks")
+        record.move_to("certified" if certification.passed else "rejected")
     write_reports(record_path.parent, "certification", certification, label)
     records.save(record, record_path)
     log.say(summary(label, results))
