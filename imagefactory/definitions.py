@@ -103,6 +103,8 @@ class DigitalOceanSettings(ProviderSettings):
     image: str
     region: str = "nyc3"
     size: str = "s-1vcpu-1gb"
+    # Publishing transfers the certified snapshot to these regions too (besides `region`).
+    publish_regions: list[str] = []
 
 
 class AmazonSettings(ProviderSettings):
