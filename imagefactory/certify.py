@@ -213,6 +213,7 @@ def certify_record(
         record.move_to("certified" if certification.passed else "rejected")
     write_reports(record_path.parent, "certification", certification, label)
     records.save(record, record_path)
+    provider.record_verdict(record, image, log)
     log.say(summary(label, results))
     return record
 

@@ -61,6 +61,8 @@ def run_pair(
 ) -> Outcome:
     outcome = Outcome(pair.image.name, pair.provider.name)
     try:
+        # What a killed run left (check instances, a half-done publish) goes first.
+        pair.provider.recover(pair.image, settings, log)
         if skip_check:
             with outcome.stage("decide"):
                 reason = skip_check(pair)
@@ -115,8 +117,6 @@ def run_pipeline(
 ) -> list[Outcome]:
     """Validate every template first (cheap, catches a broken edit), then each pair."""
     matrix.validate_pairs(settings, pairs, packer, log)
-    for pair in pairs:
-        pair.provider.recover(settings, log)
     return [run_pair(p, settings, packer, log, refresh_base, skip_check) for p in pairs]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import shutil
 import subprocess
 import uuid
@@ -16,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import nocloud, qemu
+from . import clouds, nocloud, qemu
+from .clouds import CloudDriver
 from .context import BuildRun, BuiltArtifact, Instance
 from .definitions import ImageDefinition, ProviderSettings
 from .digests import sha256_file
@@ -77,8 +79,12 @@ class Provider:
         Only called through the gate (publish.publish_record)."""
         raise ConfigError(f"publishing to {self.title} is not implemented yet (issue #6)")
 
-    def recover(self, settings: Settings, log: StepLog) -> None:
-        """Undo what a killed run left half-done in the publisher (start of every run)."""
+    def recover(self, image: ImageDefinition, settings: Settings, log: StepLog) -> None:
+        """Undo what a killed run left behind (check instances, a half-done publish);
+        called at the start of every pipeline run."""
+
+    def record_verdict(self, record: Record, image: ImageDefinition, log: StepLog) -> None:
+        """Mark the artifact itself certified or rejected where the provider keeps it."""
 
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
         """The one artifact this build produced; for a cloud, its image id."""
@@ -108,7 +114,7 @@ class LocalDiskProvider(Provider):
     ) -> str:
         return str(local_store(settings, log).publish(record, image))
 
-    def recover(self, settings: Settings, log: StepLog) -> None:
+    def recover(self, image: ImageDefinition, settings: Settings, log: StepLog) -> None:
         if settings.store.exists():
             local_store(settings, log).recover()
 
@@ -181,6 +187,47 @@ def local_store(settings: Settings, log: StepLog):
     return LocalStore(config, log.say)
 
 
+@dataclass(frozen=True)
+class CloudProvider(Provider):
+    """Builds with the cloud's Packer builder; launches, labels and publishes through the
+    cloud's API driver (``imagefactory/<driver_module>.py``) with the shared flow in clouds.py."""
+
+    driver_module: str = ""
+
+    def driver(self, image: ImageDefinition) -> CloudDriver:
+        module = importlib.import_module(f"{__package__}.{self.driver_module}")
+        return module.driver(image.provider(self.name))
+
+    def instance(
+        self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
+    ) -> contextlib.AbstractContextManager[Instance]:
+        driver = self.driver(image)
+        return clouds.launched(driver, driver.image_id(record.artifact), work, log)
+
+    def record_verdict(self, record: Record, image: ImageDefinition, log: StepLog) -> None:
+        driver = self.driver(image)
+        verdict = "certified" if record.state in ("certified", "published") else "rejected"
+        clouds.record_verdict(driver, driver.image_id(record.artifact), verdict)
+
+    def publish(
+        self, record: Record, image: ImageDefinition, settings: Settings, log: StepLog
+    ) -> str:
+        driver = self.driver(image)
+        image_id = driver.image_id(record.artifact)
+        name = f"{record.image}-{record.serial}"
+        description = (
+            f"{name}: Ubuntu {image.release} for strongSwan, certified by imagefactory "
+            f"(sha256 {record.sha256[:16]}, checks {record.certification.checks_version[:12]})"
+            if record.certification
+            else name
+        )
+        where = clouds.publish(driver, image_id, name, description, settings.keep, log)
+        return f"{self.title} image {image_id} ({', '.join(where)})"
+
+    def recover(self, image: ImageDefinition, settings: Settings, log: StepLog) -> None:
+        clouds.sweep(self.driver(image), log)
+
+
 # cloud-init's default user on Ubuntu: the account a real first boot creates.
 INSTANCE_USER = "ubuntu"
 BOOT_TIMEOUT_S = 900.0
@@ -226,13 +273,14 @@ PROVIDERS: dict[str, Provider] = {
             # Root, with this build's key only: no build account exists to be left behind.
             build_user="root",
         ),
-        Provider(
+        CloudProvider(
             name="digitalocean",
             title="DigitalOcean",
             plugin_source="github.com/digitalocean/digitalocean",
             secret_env=("DIGITALOCEAN_API_TOKEN",),
             validation_env={"DIGITALOCEAN_API_TOKEN": "placeholder-for-validation"},
             aliases=("do",),
+            driver_module="digitalocean",
         ),
         Provider(
             name="amazon-ebs",
@@ -274,13 +322,14 @@ PROVIDERS: dict[str, Provider] = {
             aliases=("gce", "gcp"),
             build_user="ubuntu",
         ),
-        Provider(
+        CloudProvider(
             name="hcloud",
             title="Hetzner Cloud",
             plugin_source="github.com/hetznercloud/hcloud",
             secret_env=("HCLOUD_TOKEN",),
             validation_env={"HCLOUD_TOKEN": "placeholder-for-validation"},
             aliases=("hetzner",),
+            driver_module="hcloud",
         ),
         Provider(
             name="scaleway",
