@@ -57,7 +57,7 @@ from .settings import REPO_ROOT, Settings
 from .steps import StepLog
 
 # Bump whenever the build below changes what ends up in the image: it invalidates the cache.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 
 KEYS_DIR = REPO_ROOT / "keys"
 ARCHIVE_KEYRING = KEYS_DIR / "ubuntu-archive-keyring.asc"
@@ -429,6 +429,9 @@ def _build_into(
     return {"release_dates": dates, "kernel": kernel}
 
 
+MAN_SECTIONS = " ".join(f'"$1/usr/share/man/man{n}"' for n in range(1, 9))
+
+
 def mmdebstrap_command(inputs: Mapping[str, Any], keyring: Path, target: Path) -> list[str]:
     """mmdebstrap with apt trusting only ``keyring`` (it verifies every Release file)."""
     components = " ".join(inputs["components"])
@@ -448,6 +451,9 @@ def mmdebstrap_command(inputs: Mapping[str, Any], keyring: Path, target: Path) -
         # for every later install too (mmdebstrap writes these into /etc/dpkg/dpkg.cfg.d).
         *(f"--dpkgopt=path-exclude={path}" for path in inputs["path_exclude"]),
         *(f"--dpkgopt=path-include={path}" for path in inputs["path_include"]),
+        # update-alternatives (dash's postinst, among others) links into man sections even
+        # when the pages themselves are excluded: the directories must exist beforehand.
+        f"--setup-hook=mkdir -p {MAN_SECTIONS}",
         inputs["codename"],
         str(target),
         *sources,
