@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from .errors import ConfigError, FactoryError
 
@@ -41,7 +44,8 @@ class CallStats:
 class APIClient:
     title: str  # "DigitalOcean API": how errors name the service
     base_url: str
-    headers: Mapping[str, str]  # carries the token; never logged or put in a message
+    # Carries the token: never logged, put in a message or shown in a repr.
+    headers: Mapping[str, str] = field(repr=False)
     timeout: tuple[float, float] = (10.0, 60.0)  # connect, read
     retries: int = 5
     backoff: float = 1.0  # 1, 2, 4, 8 … s; a Retry-After header wins
@@ -53,6 +57,12 @@ class APIClient:
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{self.title}: base URL {self.base_url!r} is not http(s)")
         self.base_url = self.base_url.rstrip("/")
+        for name, value in self.headers.items():
+            # requests would quote a malformed header value (the token) in its own error.
+            if not value or any(
+                c.isspace() or not c.isprintable() for c in value.split(" ", 1)[-1]
+            ):
+                raise ConfigError(f"{self.title}: the {name} header (API token) is malformed")
         self._http = requests.Session()
         self._http.headers.update({"User-Agent": "imagefactory", **self.headers})
         # urllib3 would log retried URLs; we log nothing with credentials in it.
@@ -66,26 +76,33 @@ class APIClient:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         ok_missing: bool = False,
+        idempotent: bool | None = None,
     ) -> dict[str, Any]:
-        """One call; JSON body back ({} for an empty one). ``ok_missing``: 404 gives {}."""
+        """One call; JSON body back ({} for an empty one). ``ok_missing``: 404 gives {}.
+        ``idempotent``: a POST that is safe to repeat (e.g. setting protection) is retried
+        like a GET; by default only the HTTP method decides."""
+        repeatable = method in IDEMPOTENT if idempotent is None else idempotent
         url = path if path.startswith("http") else f"{self.base_url}{path}"
-        call = f"{method} {_path_only(url, self.base_url)}"
+        if not url.startswith(f"{self.base_url}/"):
+            # A next-page link elsewhere would carry our token to another host.
+            raise CloudAPIError(f"{self.title}: refusing to call {urlsplit(url).netloc}")
+        call = f"{method} {_endpoint(url, self.base_url)}"
         for attempt in range(self.retries + 1):
-            response = self._send(method, url, call, json, params, attempt)
+            response = self._send(method, url, call, json, params, attempt, repeatable)
             if response is None:
                 continue
             if response.status_code == 404 and ok_missing:
                 return {}
-            retryable = response.status_code == 429 or method in IDEMPOTENT
+            retryable = response.status_code == 429 or repeatable
             if response.status_code in RETRY_STATUS and retryable and attempt < self.retries:
-                self._wait(attempt, response.headers.get("Retry-After"))
+                self._wait(attempt, _told_wait(response.headers))
                 continue
             if response.status_code >= 400:
                 raise CloudAPIError(
                     f"{self.title}: {call}: HTTP {response.status_code}: {_message(response)}",
                     response.status_code,
                 )
-            return response.json() if response.content else {}
+            return _json(response, self.title, call)
         raise CloudAPIError(f"{self.title}: {call}: no answer after {self.retries + 1} attempts")
 
     def _send(
@@ -96,28 +113,31 @@ class APIClient:
         json: Any,
         params: Mapping[str, Any] | None,
         attempt: int,
+        repeatable: bool,
     ) -> requests.Response | None:
         """The response, or None when the attempt failed in a way worth another try."""
         self.stats.calls += 1
-        self.stats.by_call[call] = self.stats.by_call.get(call, 0) + 1
+        key = _stats_key(call)
+        self.stats.by_call[key] = self.stats.by_call.get(key, 0) + 1
         self.stats.retries += attempt > 0
         started = time.monotonic()
         try:
             return self._http.request(method, url, json=json, params=params, timeout=self.timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            # A read timeout on a POST may have created something: do not repeat it.
-            never_arrived = isinstance(exc, requests.ConnectTimeout) or not isinstance(
-                exc, requests.Timeout
+            # Only a connection that was never made proves the call had no effect; a read
+            # timeout or a dropped connection after sending may have created something.
+            reason = getattr(exc.args[0], "reason", None) if exc.args else None
+            never_arrived = isinstance(exc, requests.ConnectTimeout) or isinstance(
+                reason, NewConnectionError
             )
-            if attempt < self.retries and (method in IDEMPOTENT or never_arrived):
+            if attempt < self.retries and (repeatable or never_arrived):
                 self._wait(attempt, None)
                 return None
             raise CloudAPIError(f"{self.title}: {call}: {type(exc).__name__}") from None
         finally:
             self.stats.seconds += time.monotonic() - started
 
-    def _wait(self, attempt: int, retry_after: str | None) -> None:
-        told = _retry_after_seconds(retry_after)
+    def _wait(self, attempt: int, told: float | None) -> None:
         delay = told if told is not None else self.backoff * 2**attempt
         self.sleep(min(self.max_wait, max(0.0, delay)))
 
@@ -153,6 +173,25 @@ def meta_next_page(body: dict[str, Any], path: str, query: dict[str, Any]) -> Pa
     return (path, query | {"page": page}) if page else None
 
 
+def _json(response: requests.Response, title: str, call: str) -> dict[str, Any]:
+    if not response.content:
+        return {}
+    try:
+        return response.json()
+    except ValueError:  # e.g. a proxy's HTML page
+        status = response.status_code
+        raise CloudAPIError(f"{title}: {call}: HTTP {status}: not JSON", status) from None
+
+
+def _told_wait(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked us to wait: Retry-After, or Hetzner's RateLimit-Reset (a Unix
+    time at which the bucket refills)."""
+    told = _retry_after_seconds(headers.get("Retry-After"))
+    if told is None and headers.get("RateLimit-Reset", "").isdigit():
+        told = int(headers["RateLimit-Reset"]) - time.time()
+    return told
+
+
 def _retry_after_seconds(value: str | None) -> float | None:
     """Retry-After as seconds: either a number or an HTTP date."""
     if not value:
@@ -168,10 +207,15 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return when.timestamp() - time.time()
 
 
-def _path_only(url: str, base_url: str) -> str:
+def _endpoint(url: str, base_url: str) -> str:
     """The call as it may be shown: path only, no host, no query (tokens can live there)."""
-    path = url[len(base_url) :] if url.startswith(base_url) else url
+    path = url[len(base_url) :] if url.startswith(base_url) else urlsplit(url).path
     return path.split("?", 1)[0] or "/"
+
+
+def _stats_key(call: str) -> str:
+    """Numeric ids as {id}, so the counts add up per endpoint."""
+    return re.sub(r"/\d+(?=/|$)", "/{id}", call)
 
 
 def _message(response: requests.Response) -> str:

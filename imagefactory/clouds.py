@@ -107,9 +107,13 @@ def launched(
         target = SSHTarget(driver.login_user, address, driver.ssh_port, key.private, True)
         timings, state = wait_until_ready(target, started, BOOT_TIMEOUT_S, lambda: True)
         yield Instance(target, [key.public_text], timings, state)
-    finally:
-        with log.step(f"destroy {name} ({server_id})"):
+    except BaseException:
+        # Destroy, but let the original failure be the one the user sees.
+        with contextlib.suppress(Exception), log.step(f"destroy {name} ({server_id})"):
             driver.delete_server(server_id)
+        raise
+    with log.step(f"destroy {name} ({server_id})"):
+        driver.delete_server(server_id)
 
 
 def _wait_for_address(driver: CloudDriver, server_id: str, timeout: float, clock) -> str:
@@ -133,17 +137,20 @@ def publish(
     """Publish, label, then keep only the newest ``keep`` published images of this name."""
     where = driver.publish_image(image_id, name, description)
     record_verdict(driver, image_id, "published")
-    for old in retired(driver, name, keep):
+    for old in retired(driver, name, keep, just_published=image_id):
         log.say(f"{driver.title}: retention (keep {keep}): deleting {old.name} ({old.id})")
         driver.delete_image(old.id)
     return where
 
 
-def retired(driver: CloudDriver, name: str, keep: int) -> list[CloudImage]:
-    """Published images of the same image name beyond the newest ``keep``."""
+def retired(
+    driver: CloudDriver, name: str, keep: int, just_published: str = ""
+) -> list[CloudImage]:
+    """Published images of the same image name beyond the newest ``keep``; never the one just
+    published (re-publishing an older snapshot must not delete it straight away)."""
     published = driver.images_labelled(MANAGED | {ROLE: "image", VERDICT: "published"})
     mine = sorted((i for i in published if _same_family(i.name, name)), key=lambda i: i.created)
-    return mine[: max(0, len(mine) - keep)]
+    return [i for i in mine[: max(0, len(mine) - keep)] if i.id != just_published]
 
 
 def _same_family(image_name: str, name: str) -> bool:

@@ -206,7 +206,7 @@ class CloudProvider(Provider):
 
     def record_verdict(self, record: Record, image: ImageDefinition, log: StepLog) -> None:
         driver = self.driver(image)
-        verdict = "certified" if record.state in ("certified", "published") else "rejected"
+        verdict = record.state if record.state in ("certified", "published") else "rejected"
         clouds.record_verdict(driver, driver.image_id(record.artifact), verdict)
 
     def publish(
