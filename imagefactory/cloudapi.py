@@ -52,6 +52,7 @@ class APIClient:
     max_wait: float = 300.0  # never sleep longer than this for one Retry-After
     sleep: Callable[[float], None] = time.sleep
     stats: CallStats = field(default_factory=CallStats)
+    last_headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -75,12 +76,19 @@ class APIClient:
         *,
         json: Any = None,
         params: Mapping[str, Any] | None = None,
+        data: str | bytes | None = None,
+        content_type: str = "",
         ok_missing: bool = False,
         idempotent: bool | None = None,
     ) -> dict[str, Any]:
-        """One call; JSON body back ({} for an empty one). ``ok_missing``: 404 gives {}.
-        ``idempotent``: a POST that is safe to repeat (e.g. setting protection) is retried
-        like a GET; by default only the HTTP method decides."""
+        """One call; JSON body back ({} for an empty one). ``json`` or ``data`` (with its
+        ``content_type``, e.g. Scaleway's text/plain user data or a JSON patch) is the body.
+        ``ok_missing``: 404 gives {}. ``idempotent``: a POST that is safe to repeat (e.g.
+        setting protection) is retried like a GET; by default only the HTTP method decides.
+        The answer's headers are in ``last_headers`` (Keystone returns its token there)."""
+        payload: dict[str, Any] = {"json": json}
+        if data is not None:
+            payload = {"data": data, "headers": {"Content-Type": content_type or "text/plain"}}
         repeatable = method in IDEMPOTENT if idempotent is None else idempotent
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         if not url.startswith(f"{self.base_url}/"):
@@ -88,9 +96,10 @@ class APIClient:
             raise CloudAPIError(f"{self.title}: refusing to call {urlsplit(url).netloc}")
         call = f"{method} {_endpoint(url, self.base_url)}"
         for attempt in range(self.retries + 1):
-            response = self._send(method, url, call, json, params, attempt, repeatable)
+            response = self._send(method, url, call, payload, params, attempt, repeatable)
             if response is None:
                 continue
+            self.last_headers = dict(response.headers)
             if response.status_code == 404 and ok_missing:
                 return {}
             retryable = response.status_code == 429 or repeatable
@@ -110,7 +119,7 @@ class APIClient:
         method: str,
         url: str,
         call: str,
-        json: Any,
+        payload: dict[str, Any],
         params: Mapping[str, Any] | None,
         attempt: int,
         repeatable: bool,
@@ -122,7 +131,7 @@ class APIClient:
         self.stats.retries += attempt > 0
         started = time.monotonic()
         try:
-            return self._http.request(method, url, json=json, params=params, timeout=self.timeout)
+            return self._http.request(method, url, params=params, timeout=self.timeout, **payload)
         except (requests.ConnectionError, requests.Timeout) as exc:
             # Only a connection that was never made proves the call had no effect; a read
             # timeout or a dropped connection after sending may have created something.
