@@ -37,6 +37,7 @@ def certify_latest(
     spec = get_provider(provider)
     [definition] = select_images(settings.images_dir, [image])
     path = Path(record) if record else latest_record(settings, image, spec.name)
+    spec.recover(definition, settings, log)  # check instances a crashed run left behind
     result = certify_record(path, spec, definition, settings.checks_dir, settings.cache_dir, log)
     return result.state == "certified"
 

@@ -70,14 +70,17 @@ class Provider:
         self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
     ) -> contextlib.AbstractContextManager[Instance]:
         """A fresh instance of the artifact, reachable over SSH; destroyed on exit, always."""
-        raise ConfigError(f"booting {self.title} instances for checks is not implemented yet")
+        raise ConfigError(
+            f"booting {self.title} instances for checks is not implemented (README: Clouds); "
+            f"boot one yourself and run `inv check --host USER@ADDR --image {image.name}`"
+        )
 
     def publish(
         self, record: Record, image: ImageDefinition, settings: Settings, log: StepLog
     ) -> str:
         """Make a certified artifact available to users; returns where it went.
         Only called through the gate (publish.publish_record)."""
-        raise ConfigError(f"publishing to {self.title} is not implemented yet (issue #6)")
+        raise ConfigError(f"publishing to {self.title} is not implemented (README: Clouds)")
 
     def recover(self, image: ImageDefinition, settings: Settings, log: StepLog) -> None:
         """Undo what a killed run left behind (check instances, a half-done publish);
