@@ -299,6 +299,24 @@ class Stuck(Exception):
     """Waiting longer cannot help: a daemon died, or the CHILD SA was refused."""
 
 
+def connection_loaded(statusall: str) -> bool:
+    """`ipsec statusall` lists the connection under "Connections:" once starter added it."""
+    return re.search(rf"^\s*{CONN}:\s", statusall, re.M) is not None
+
+
+def _wait_for_connection(end: End) -> str | None:
+    def loaded() -> bool:
+        if end.proc is not None and end.proc.poll() is not None:
+            return True  # reported below
+        return connection_loaded(_inside(end, "ipsec", "statusall").stdout)
+
+    if not wait_until(loaded, ESTABLISH_DEADLINE_S, interval=0.5):
+        return f"the {end.role} did not load its connection within {ESTABLISH_DEADLINE_S} s"
+    if end.proc is not None and end.proc.poll() is not None:
+        return f"the {end.role}'s daemon exited: {_log_tail(end)}"
+    return None
+
+
 def _wait_for_sa(a: End, b: End) -> str | None:
     """Wait until both ends have the IKE and CHILD SA; the failure in words otherwise."""
     seen: dict[str, float] = {}  # when the initiator first reported its IKE SA
@@ -398,6 +416,10 @@ def check(ctx: Context) -> Result:
         problem = _setup_network(a, b, cleanup)
         if problem is None:
             _start(b, a, ctx.workdir, psk, cleanup)
+            # The initiator (auto=start) tries once at start-up: a responder still loading
+            # its connection answers NO_PROPOSAL_CHOSEN and the tunnel never comes up.
+            problem = _wait_for_connection(b)
+        if problem is None:
             _start(a, b, ctx.workdir, psk, cleanup)
             problem = _wait_for_sa(a, b)
             data["seconds_to_established"] = round(time.monotonic() - started, 1)

@@ -345,13 +345,14 @@ PROVIDERS: dict[str, Provider] = {
                 "SCW_DEFAULT_PROJECT_ID": _FAKE_UUID,
             },
         ),
-        Provider(
+        CloudProvider(
             name="openstack",
             title="OpenStack",
             plugin_source="github.com/hashicorp/openstack",
             secret_env=("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME"),
             offline_validation="syntax-only",
             build_user="ubuntu",
+            driver_module="openstack",
         ),
     )
 }

@@ -147,3 +147,10 @@ def test_each_end_gets_private_run_config_and_log() -> None:
     assert "/etc/strongswan.d/charon-logging.conf" in script
     assert script.endswith("exec ipsec start --nofork")
     assert ike.CHARON_LOG.startswith("/run/charon.")  # what charon's AppArmor profile allows
+
+
+def test_the_responder_counts_as_ready_once_its_connection_is_listed() -> None:
+    listed = (IKE / "good" / "statusall.responder").read_text()
+    assert ike.connection_loaded(listed)
+    before = listed.split("Connections:")[0] + "Connections:\nSecurity Associations (0 up):\n"
+    assert not ike.connection_loaded(before)
