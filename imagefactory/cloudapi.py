@@ -224,7 +224,9 @@ def _endpoint(url: str, base_url: str) -> str:
 
 def _stats_key(call: str) -> str:
     """Numeric ids as {id}, so the counts add up per endpoint."""
-    return re.sub(r"/\d+(?=/|$)", "/{id}", call)
+    return re.sub(
+        r"/(\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?=/|$)", "/{id}", call
+    )
 
 
 def _message(response: requests.Response) -> str:
@@ -233,6 +235,11 @@ def _message(response: requests.Response) -> str:
         body = response.json()
     except ValueError:
         return response.reason or "no details"
+    if isinstance(body, dict) and len(body) == 1:
+        # Nova wraps it: {"badRequest": {"message": ..., "code": 400}}.
+        [inner] = body.values()
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:300]
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         return str(error.get("message") or error.get("code") or error)[:300]

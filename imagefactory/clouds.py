@@ -25,6 +25,7 @@ from .steps import StepLog
 MANAGED = {"imagefactory": "true"}
 ROLE = "imagefactory-role"  # check-instance | image
 VERDICT = "imagefactory-verdict"  # certified | rejected | published
+CHECK_NAME_PREFIX = "imagefactory-check-"  # check instances' names (APIs that filter by name)
 LAUNCH_TIMEOUT_S = 600.0
 BOOT_TIMEOUT_S = 900.0
 POLL_S = 5.0
@@ -97,7 +98,7 @@ def launched(
 ) -> Iterator[Instance]:
     """A throwaway instance of ``image_id`` reachable over SSH; destroyed on exit, always."""
     key = nocloud.ephemeral_key(work / "ssh", comment=f"imagefactory-check-{work.name}")
-    name = f"imagefactory-check-{uuid.uuid4().hex[:12]}"
+    name = f"{CHECK_NAME_PREFIX}{uuid.uuid4().hex[:12]}"
     labels = MANAGED | {ROLE: "check-instance"}
     with log.step(f"launch {name} on {driver.title}"):
         server_id = driver.create_server(name, image_id, check_user_data(key.public_text), labels)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 from .cloudapi import APIClient, CallStats, CloudAPIError, Page, Pager
-from .clouds import ROLE, CloudError, CloudImage
+from .clouds import CHECK_NAME_PREFIX, ROLE, CloudError, CloudImage
 from .definitions import OpenStackSettings
 from .errors import ConfigError
 
@@ -34,7 +34,7 @@ JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 UUID = re.compile(r"^[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 # clouds.launched names every check server so; Nova's name filter is a regular expression,
 # so the listing brings back only those instead of every server in the project.
-CHECK_NAME_FILTER = "^imagefactory-check-"
+CHECK_NAME_FILTER = f"^{CHECK_NAME_PREFIX}"
 # Server states a server being created never leaves on its own: waiting would only burn time.
 DEAD = frozenset({"ERROR", "DELETED", "SOFT_DELETED", "SHUTOFF"})
 PER_PAGE = 200  # Nova and Glance cap a page at 1000 by default; 200 keeps answers small

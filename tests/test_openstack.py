@@ -576,7 +576,7 @@ def test_5xx_on_get_is_retried_then_succeeds(fake, drv, sleeps) -> None:
     drv.label_image(image, MANAGED)
     assert fake.images[image]["tags"] == ["imagefactory=true"]
     assert sleeps == [1.0, 2.0]
-    assert drv.stats.by_call[f"GET /v2/images/{image}"] == 3
+    assert drv.stats.by_call["GET /v2/images/{id}"] == 3
 
 
 def test_5xx_on_the_patch_is_retried_and_on_login_too(fake, sleeps) -> None:
@@ -593,9 +593,7 @@ def test_5xx_on_create_is_not_repeated(fake, drv, sleeps) -> None:
     fake.faults.append(Fault(503, method="POST", path=f"{NOVA}/servers"))
     with pytest.raises(CloudAPIError) as failed:
         drv.create_server("c", fake.seed_image(), "", CHECK_LABELS)
-    assert (
-        str(failed.value) == "OpenStack Compute API: POST /servers: HTTP 503: Service Unavailable"
-    )
+    assert str(failed.value) == "OpenStack Compute API: POST /servers: HTTP 503: injected HTTP 503"
     assert len(fake.calls("POST", f"{NOVA}/servers")) == 1 and sleeps == []
 
 
@@ -617,7 +615,9 @@ def test_novas_error_for_a_missing_image_is_an_http_400(fake, drv) -> None:
     with pytest.raises(CloudAPIError) as refused:
         drv.create_server("c", missing, "", CHECK_LABELS)
     assert refused.value.status == 400
-    assert str(refused.value) == "OpenStack Compute API: POST /servers: HTTP 400: Bad Request"
+    assert str(refused.value) == (
+        f"OpenStack Compute API: POST /servers: HTTP 400: Image {missing} could not be found."
+    )
 
 
 # --- a run killed between launch and destroy ------------------------------------------------
