@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -113,6 +113,12 @@ class AmazonSettings(ProviderSettings):
     region: str = "us-east-1"
     instance_type: str = "t3.micro"
     ssh_username: str = "ubuntu"
+    # Publishing: CopyImage to these regions, then share with these account IDs.
+    publish_regions: list[str] = []
+    launch_permissions: list[Annotated[str, Field(pattern=r"^[0-9]{12}$")]] = []
+    # The check instance's network; empty means the account's default VPC and group.
+    security_group_ids: list[str] = []
+    subnet_id: str = ""
 
 
 class AzureSettings(ProviderSettings):

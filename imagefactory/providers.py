@@ -285,7 +285,7 @@ PROVIDERS: dict[str, Provider] = {
             aliases=("do",),
             driver_module="digitalocean",
         ),
-        Provider(
+        CloudProvider(
             name="amazon-ebs",
             title="Amazon EC2",
             plugin_source="github.com/hashicorp/amazon",
@@ -296,6 +296,7 @@ PROVIDERS: dict[str, Provider] = {
             },
             aliases=("ec2", "aws"),
             build_user="ubuntu",
+            driver_module="ec2",
         ),
         Provider(
             name="azure-arm",
@@ -334,7 +335,7 @@ PROVIDERS: dict[str, Provider] = {
             aliases=("hetzner",),
             driver_module="hcloud",
         ),
-        Provider(
+        CloudProvider(
             name="scaleway",
             title="Scaleway",
             plugin_source="github.com/scaleway/scaleway",
@@ -344,6 +345,7 @@ PROVIDERS: dict[str, Provider] = {
                 "SCW_SECRET_KEY": _FAKE_UUID,
                 "SCW_DEFAULT_PROJECT_ID": _FAKE_UUID,
             },
+            driver_module="scaleway",
         ),
         CloudProvider(
             name="openstack",

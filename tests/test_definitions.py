@@ -94,6 +94,14 @@ def test_fingerprint_must_be_full(images_copy: Path) -> None:
     assert "not a full 40-hex-digit OpenPGP fingerprint" in _error(path)
 
 
+def test_ec2_launch_permissions_are_account_ids(images_copy: Path) -> None:
+    path = _mutate(
+        images_copy, lambda d: d["providers"]["amazon-ebs"].update(launch_permissions=["1234-5678"])
+    )
+    message = _error(path)
+    assert "providers.amazon-ebs.launch_permissions.0" in message and "'1234-5678'" in message
+
+
 def test_install_and_purge_must_not_overlap(images_copy: Path) -> None:
     path = _mutate(images_copy, lambda d: d["packages"]["install"].append("snapd"))
     assert "snapd cannot be both installed and purged" in _error(path)
