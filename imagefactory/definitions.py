@@ -128,6 +128,13 @@ class AzureSettings(ProviderSettings):
     location: str = "eastus"
     vm_size: str = "Standard_B1s"
     resource_group: str = "algo-images"
+    # The check VM's admin user: cloud-init's default user, the one account hygiene allows.
+    admin_username: str = "ubuntu"
+    # Publishing: an image version in this Azure Compute Gallery (its image definition must
+    # exist); empty: publishing tags the managed image only.
+    gallery: str = ""
+    gallery_image: str = ""  # the gallery's image definition; default: the image's name
+    publish_regions: list[str] = []  # replicas besides `location`
 
 
 class GoogleSettings(ProviderSettings):

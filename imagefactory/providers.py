@@ -298,7 +298,7 @@ PROVIDERS: dict[str, Provider] = {
             build_user="ubuntu",
             driver_module="ec2",
         ),
-        Provider(
+        CloudProvider(
             name="azure-arm",
             title="Microsoft Azure",
             plugin_source="github.com/hashicorp/azure",
@@ -316,6 +316,7 @@ PROVIDERS: dict[str, Provider] = {
             },
             aliases=("azure",),
             build_user="packer",
+            driver_module="azure",
         ),
         Provider(
             name="googlecompute",
