@@ -143,6 +143,10 @@ class GoogleSettings(ProviderSettings):
     zone: str = "us-central1-a"
     machine_type: str = "e2-small"
     ssh_username: str = "ubuntu"
+    # Publishing: the family the image joins (empty: the image's name, e.g. ubuntu-20-04;
+    # older images in it are deprecated) and who may use it (roles/compute.imageUser).
+    image_family: str = ""
+    publish_members: list[str] = []
 
 
 class HetznerSettings(ProviderSettings):

@@ -318,7 +318,7 @@ PROVIDERS: dict[str, Provider] = {
             build_user="packer",
             driver_module="azure",
         ),
-        Provider(
+        CloudProvider(
             name="googlecompute",
             title="Google Compute Engine",
             plugin_source="github.com/hashicorp/googlecompute",
@@ -326,6 +326,7 @@ PROVIDERS: dict[str, Provider] = {
             validation_env={"GOOGLE_PROJECT": "placeholder-project"},
             aliases=("gce", "gcp"),
             build_user="ubuntu",
+            driver_module="gce",
         ),
         CloudProvider(
             name="hcloud",
