@@ -50,6 +50,7 @@ REGISTRY: dict[str, str] = {
     "ikev2_tunnel": "ikev2_tunnel",
     "snapd": "snapd",
     "strongswan_service": "strongswan_service",
+    "boot": "boot",
     "hygiene": "hygiene",
 }
 PROFILES = ("full", "assessment")

@@ -27,7 +27,7 @@ from .steps import StepLog
 
 FULL_PROFILE = [
     "environment", "release", "kernel_modules", "xfrm", "ikev2_tunnel",
-    "snapd", "strongswan_service", "hygiene",
+    "snapd", "strongswan_service", "boot", "hygiene",
 ]  # fmt: skip
 # What Algo's guide asks of a new hosting provider's stock VM (no image of ours on it).
 ASSESSMENT_PROFILE = ["environment", "kernel_modules", "xfrm", "ikev2_tunnel"]
@@ -71,6 +71,7 @@ def expectations(
             "codename": None,
             "kernel_flavour": None,
             "service": None,
+            "boot": None,
             "packages": None,
             "checks": ASSESSMENT_PROFILE,
         }
@@ -82,6 +83,7 @@ def expectations(
         "codename": image.codename,
         "kernel_flavour": image.kernel_flavour_on(provider) if provider else image.kernel_flavour,
         "service": image.service.model_dump(),
+        "boot": image.boot.model_dump(),
         "packages": {"purge": image.packages.purge, "pin_away": image.packages.pin_away},
         "checks": [name for name in FULL_PROFILE if name in enabled],
     }

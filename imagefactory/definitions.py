@@ -224,10 +224,13 @@ class Service(Strict):
 
 class Boot(Strict):
     """What a VPN server need not do at boot: cloud-init modules it never uses (skipped from the
-    installed cloud.cfg's lists, so the rest stays as the release ships it) and units to mask."""
+    installed cloud.cfg's lists, so the rest stays as the release ships it), units to mask, and
+    cloud-init's four stages run by one Python process instead of four (cloud-init's own
+    single-process mode, shipped but left off by the release's package)."""
 
     skip_cloud_init_modules: list[str] = []
     mask_units: list[str] = []
+    cloud_init_single_process: bool = False
 
     @field_validator("mask_units")
     @classmethod
@@ -236,6 +239,10 @@ class Boot(Strict):
             if not re.match(r"^[A-Za-z0-9@_.-]+\.(service|timer|socket|mount|path)$", value):
                 raise ValueError(f"{value!r} is not a systemd unit name like e2scrub_reap.service")
         return values
+
+
+# The stage units hand their stage to the one process over Unix datagram sockets with it.
+SINGLE_PROCESS_NEEDS = "netcat-openbsd"
 
 
 class KernelModulesCheck(Strict):
@@ -255,6 +262,7 @@ class Checks(Strict):
     ikev2_tunnel: EmptyCheck | None = None
     snapd: EmptyCheck | None = None
     strongswan_service: EmptyCheck | None = None
+    boot: EmptyCheck | None = None
     hygiene: EmptyCheck | None = None
 
     def enabled(self) -> list[str]:
@@ -286,6 +294,13 @@ class ImageDefinition(Strict):
         if not re.match(r"^[a-z0-9][a-z0-9.-]*$", value):
             raise ValueError(f"{value!r} may hold only lowercase letters, digits, '.' and '-'")
         return value
+
+    @model_validator(mode="after")
+    def _single_process_tools(self) -> ImageDefinition:
+        needs = SINGLE_PROCESS_NEEDS
+        if self.boot.cloud_init_single_process and needs not in self.packages.install:
+            raise ValueError(f"boot.cloud_init_single_process needs {needs} in packages.install")
+        return self
 
     def provider(self, name: str) -> ProviderSettings:
         settings = self.providers.get(name)

@@ -195,6 +195,7 @@ def test_the_real_registry_imports_on_this_python() -> None:
 
     assert done.returncode == 0, done.stderr
     expected = [
+        "boot",
         "environment",
         "hygiene",
         "ikev2_tunnel",

@@ -26,7 +26,7 @@ pytestmark = [
 FOCAL = load_image(REPO_ROOT / "images" / "ubuntu-20.04.yaml")
 REQUIRED = [
     "environment", "release", "kernel_modules", "xfrm", "ikev2_tunnel",
-    "snapd", "strongswan_service", "hygiene",
+    "snapd", "strongswan_service", "boot", "hygiene",
 ]  # fmt: skip
 
 
@@ -111,6 +111,12 @@ def _wrong_release(root: Path) -> None:
     target.write_text(text.replace("VERSION_CODENAME=focal", "VERSION_CODENAME=groovy"))
 
 
+def _cloud_init_in_four_processes(root: Path) -> None:
+    # The stage units then run their stages themselves (the helper's fallback): cloud-init
+    # still does its job, only not the way the image definition says it boots.
+    (root / "etc/systemd/system/cloud-init.target.wants/cloud-init-main.service").unlink()
+
+
 FAULTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "required module unloadable": (_unloadable_required_module, "kernel_modules"),
     "snapd reinstalled": (_snapd_reinstalled, "snapd"),
@@ -118,6 +124,7 @@ FAULTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "af_key not loaded at boot": (_af_key_not_loaded_at_boot, "strongswan_service"),
     "leftover authorized key": (_leftover_authorized_key, "hygiene"),
     "wrong release": (_wrong_release, "release"),
+    "cloud-init in four processes": (_cloud_init_in_four_processes, "boot"),
 }
 
 

@@ -19,3 +19,85 @@ with open("/etc/cloud/cloud.cfg.d/90_imagefactory_boot.cfg", "w") as fh:
     yaml.safe_dump(keep, fh)
 PY
 systemctl mask e2scrub_reap.service ondemand.service grub-initrd-fallback.service
+echo "==> ubuntu-20.04: cloud-init in one process (cloud-init-main.service)"
+cloud-init --help | grep -q -- --all-stages || {
+  echo "cloud-init $(cloud-init --version 2>&1) has no single-process mode (--all-stages)" >&2
+  exit 1
+}
+command -v nc.openbsd >/dev/null || { echo "nc.openbsd is missing (netcat-openbsd)" >&2; exit 1; }
+helper=/usr/local/lib/imagefactory/cloud-init-stage
+install -d -m 755 /usr/local/lib/imagefactory
+cat > "$helper" <<'SH'
+#!/bin/sh
+# imagefactory: hand one cloud-init boot stage to the single cloud-init process
+# (cloud-init-main.service) and wait until it is done: cloud-init 24.4's datagram protocol,
+# as upstream's own stage units speak it.
+#   cloud-init-stage STAGE COMMAND...   (COMMAND runs instead when the main process is not up)
+#   cloud-init-stage --verify           (apt hook: back to the package's units if the
+#                                        protocol's code changed with an upgrade)
+set -eu
+dir=/usr/local/lib/imagefactory
+share=/run/cloud-init/share
+if [ "$1" = --verify ]; then
+  sha256sum --status -c "$dir/cloud-init-socket.sha256" 2>/dev/null && exit 0
+  echo "imagefactory: cloud-init's stage protocol changed; using the package's own units" >&2
+  systemctl disable cloud-init-main.service 2>/dev/null || true
+  rm -f /etc/systemd/system/cloud-init-main.service \
+    /etc/systemd/system/cloud-*.service.d/50-imagefactory-single-process.conf \
+    /etc/apt/apt.conf.d/80imagefactory-cloud-init
+  systemctl daemon-reload 2>/dev/null || true
+  exit 0
+fi
+stage=$1
+shift
+if ! systemctl is-active --quiet cloud-init-main.service; then
+  echo "cloud-init-main.service is not running: running this stage on its own" >&2
+  exec "$@"
+fi
+reply=$(echo start | nc.openbsd -Uu -W1 "$share/$stage.sock" -s "$share/$stage-return.sock")
+[ -n "$reply" ] || { echo "cloud-init did not answer for its $stage stage" >&2; exit 1; }
+# cloud-init's reply is fixed text of its own: "echo '<message>'; exit <status>;"
+exec sh -c "$reply"
+SH
+chmod 755 "$helper"
+sha256sum /usr/lib/python3/dist-packages/cloudinit/socket.py \
+  > /usr/local/lib/imagefactory/cloud-init-socket.sha256
+cat > /etc/systemd/system/cloud-init-main.service <<'UNIT'
+# imagefactory: cloud-init's single-process mode (upstream's unit for Ubuntu, cloud-init 24.4).
+[Unit]
+Description=Cloud-init: Single Process
+DefaultDependencies=no
+After=systemd-remount-fs.service
+Before=cloud-init-local.service
+Before=shutdown.target
+Conflicts=shutdown.target
+RequiresMountsFor=/var/lib/cloud
+ConditionPathExists=!/etc/cloud/cloud-init.disabled
+ConditionKernelCommandLine=!cloud-init=disabled
+
+[Service]
+Type=notify
+ExecStart=/usr/bin/cloud-init --all-stages
+KillMode=process
+TasksMax=infinity
+TimeoutStartSec=infinity
+StandardOutput=journal+console
+
+[Install]
+WantedBy=cloud-init.target
+UNIT
+# 20.04's unit for each stage, the stage's name in the protocol, and its own command.
+while read -r unit stage command; do
+  install -d "/etc/systemd/system/$unit.d"
+  printf '[Service]\nExecStart=\nExecStart=%s %s %s\n' "$helper" "$stage" "$command" \
+    > "/etc/systemd/system/$unit.d/50-imagefactory-single-process.conf"
+done <<'STAGES'
+cloud-init-local.service local /usr/bin/cloud-init init --local
+cloud-init.service network /usr/bin/cloud-init init
+cloud-config.service config /usr/bin/cloud-init modules --mode=config
+cloud-final.service final /usr/bin/cloud-init modules --mode=final
+STAGES
+echo "DPkg::Post-Invoke { \"$helper --verify || true\"; };" \
+  > /etc/apt/apt.conf.d/80imagefactory-cloud-init
+systemctl daemon-reload
+systemctl enable cloud-init-main.service
