@@ -36,16 +36,20 @@ cat > "$helper" <<'SH'
 #   cloud-init-stage --verify           (apt hook: back to the package's units if the
 #                                        protocol's code changed with an upgrade)
 set -eu
-dir=/usr/local/lib/imagefactory
-share=/run/cloud-init/share
-if [ "$1" = --verify ]; then
-  sha256sum --status -c "$dir/cloud-init-socket.sha256" 2>/dev/null && exit 0
+root=${IMAGEFACTORY_ROOT:-}  # tests run this against a directory standing in for /
+dir=$root/usr/local/lib/imagefactory
+share=$root/run/cloud-init/share
+units=$root/etc/systemd/system
+if [ "${1:-}" = --verify ]; then
+  socket_py=$root/usr/lib/python3/dist-packages/cloudinit/socket.py
+  now=$(sha256sum < "$socket_py" 2>/dev/null | cut -d' ' -f1) || now=""
+  [ -n "$now" ] && [ "$now" = "$(cat "$dir/cloud-init-socket.sha256")" ] && exit 0
   echo "imagefactory: cloud-init's stage protocol changed; using the package's own units" >&2
-  systemctl disable cloud-init-main.service 2>/dev/null || true
-  rm -f /etc/systemd/system/cloud-init-main.service \
-    /etc/systemd/system/cloud-*.service.d/50-imagefactory-single-process.conf \
-    /etc/apt/apt.conf.d/80imagefactory-cloud-init
-  systemctl daemon-reload 2>/dev/null || true
+  rm -f "$units/cloud-init.target.wants/cloud-init-main.service" \
+    "$units/cloud-init-main.service" \
+    "$units"/cloud-*.service.d/50-imagefactory-single-process.conf \
+    "$root/etc/apt/apt.conf.d/80imagefactory-cloud-init"
+  [ -n "$root" ] || systemctl daemon-reload 2>/dev/null || true
   exit 0
 fi
 stage=$1
@@ -60,7 +64,7 @@ reply=$(echo start | nc.openbsd -Uu -W1 "$share/$stage.sock" -s "$share/$stage-r
 exec sh -c "$reply"
 SH
 chmod 755 "$helper"
-sha256sum /usr/lib/python3/dist-packages/cloudinit/socket.py \
+sha256sum < /usr/lib/python3/dist-packages/cloudinit/socket.py | cut -d' ' -f1 \
   > /usr/local/lib/imagefactory/cloud-init-socket.sha256
 cat > /etc/systemd/system/cloud-init-main.service <<'UNIT'
 # imagefactory: cloud-init's single-process mode (upstream's unit for Ubuntu, cloud-init 24.4).
