@@ -102,6 +102,12 @@ def test_ec2_launch_permissions_are_account_ids(images_copy: Path) -> None:
     assert "providers.amazon-ebs.launch_permissions.0" in message and "'1234-5678'" in message
 
 
+def test_single_process_boot_needs_netcat(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d["packages"]["install"].remove("netcat-openbsd"))
+    message = _error(path)
+    assert "boot.cloud_init_single_process needs netcat-openbsd in packages.install" in message
+
+
 def test_install_and_purge_must_not_overlap(images_copy: Path) -> None:
     path = _mutate(images_copy, lambda d: d["packages"]["install"].append("snapd"))
     assert "snapd cannot be both installed and purged" in _error(path)
