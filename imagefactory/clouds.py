@@ -6,6 +6,7 @@ hcloud.py) only translate these verbs into their API's calls."""
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -150,8 +151,15 @@ def retired(
     """Published images of the same image name beyond the newest ``keep``; never the one just
     published (re-publishing an older snapshot must not delete it straight away)."""
     published = driver.images_labelled(MANAGED | {ROLE: "image", VERDICT: "published"})
-    mine = sorted((i for i in published if _same_family(i.name, name)), key=lambda i: i.created)
+    mine = sorted((i for i in published if _same_family(i.name, name)), key=_age)
     return [i for i in mine[: max(0, len(mine) - keep)] if i.id != just_published]
+
+
+def _age(image: CloudImage) -> tuple[str, tuple[int, ...]]:
+    """Oldest first: the creation time, then the serial in the name, compared as numbers (an
+    API that does not say when an image was made must not rank 20261127.10 before .9)."""
+    serial = image.name.rsplit("-", 1)[-1]
+    return image.created, tuple(int(part) for part in re.findall(r"\d+", serial))
 
 
 def _same_family(image_name: str, name: str) -> bool:

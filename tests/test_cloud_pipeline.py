@@ -111,3 +111,37 @@ def test_a_run_sweeps_check_droplets_left_by_a_crashed_one(
     mine_not = driver.create_server("someone-elses", image, "", {"owner": "alice"})
     get_provider("digitalocean").recover(FOCAL, settings, StepLog())
     assert list(cloud.droplets) == [int(mine_not)]
+
+
+class _Listing:
+    """Just enough of a CloudDriver for retention: the published images it lists."""
+
+    def __init__(self, images: list[clouds.CloudImage]) -> None:
+        self.images = images
+
+    def images_labelled(self, labels: dict[str, str]) -> list[clouds.CloudImage]:
+        return self.images
+
+
+def _published(name: str, created: str = "") -> clouds.CloudImage:
+    return clouds.CloudImage(name, name, created, {})
+
+
+def test_retention_without_creation_times_orders_serials_as_numbers() -> None:
+    names = [f"ubuntu-20.04-20261127.{n}" for n in (10, 9, 11, 2)]
+    listing = _Listing([_published(n) for n in names])
+    retired = clouds.retired(listing, "ubuntu-20.04-20261127.11", keep=2)  # type: ignore[arg-type]
+    assert [i.name for i in retired] == ["ubuntu-20.04-20261127.2", "ubuntu-20.04-20261127.9"]
+
+
+def test_retention_goes_by_creation_time_first() -> None:
+    listing = _Listing(
+        [
+            # An older serial built again later is the newer image.
+            _published("ubuntu-20.04-20261127.1", "2026-11-27T09:00:00Z"),
+            _published("ubuntu-20.04-20261126.5", "2026-11-27T10:00:00Z"),
+            _published("ubuntu-22.04-20261101.1", "2026-11-01T09:00:00Z"),  # another image
+        ]
+    )
+    retired = clouds.retired(listing, "ubuntu-20.04-20261126.5", keep=1)  # type: ignore[arg-type]
+    assert [i.name for i in retired] == ["ubuntu-20.04-20261127.1"]
