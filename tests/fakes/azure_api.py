@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import copy
 import itertools
 import json
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -97,7 +95,6 @@ class FakeAzure(FakeCloud):
     custom_data: dict[str, str] = field(default_factory=dict)  # VM name -> decoded
     gallery_images: set[str] = field(default_factory=set)  # lower-cased definition ids
     handler_errors: list[str] = field(default_factory=list)
-    url: str = ""
     _serials: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _ticks: Iterator[int] = field(default_factory=itertools.count)
     _pending: dict[str, str] = field(default_factory=dict)  # resource -> its last operation
@@ -147,46 +144,7 @@ class FakeAzure(FakeCloud):
     def names(self, kind: str) -> set[str]:
         return {r["name"] for r in self.of_type(kind)}
 
-    # --- the HTTP server ----------------------------------------------------------------
-
-    def start(self) -> str:
-        cloud = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                cloud._serve(self, "GET")
-
-            def do_POST(self) -> None:
-                cloud._serve(self, "POST")
-
-            def do_PUT(self) -> None:
-                cloud._serve(self, "PUT")
-
-            def do_PATCH(self) -> None:
-                cloud._serve(self, "PATCH")
-
-            def do_DELETE(self) -> None:
-                cloud._serve(self, "DELETE")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        return self.url
-
-    def stop(self) -> None:
-        """As FakeCloud.stop, without waiting out serve_forever's poll."""
-        stopper = threading.Thread(target=super().stop)
-        stopper.start()
-        while stopper.is_alive():
-            with contextlib.suppress(OSError):
-                socket.create_connection(self._server.server_address, timeout=0.1).close()
-            stopper.join(0.01)
+    # --- requests: form bodies, Entra and ARM -------------------------------------------
 
     def _serve(self, http: BaseHTTPRequestHandler, method: str) -> None:
         parts = urlsplit(http.path)

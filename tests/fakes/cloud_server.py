@@ -9,8 +9,10 @@ an optional Retry-After, or a delay longer than the client's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,7 @@ class FakeCloud:
     requests: list[Request] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     _routes: list[tuple[str, re.Pattern[str], Handler]] = field(default_factory=list)
+    url: str = ""
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         self._routes.append((method, re.compile(f"^{pattern}$"), handler))
@@ -63,6 +66,9 @@ class FakeCloud:
             def do_PUT(self) -> None:
                 cloud._serve(self, "PUT")
 
+            def do_PATCH(self) -> None:
+                cloud._serve(self, "PATCH")
+
             def do_DELETE(self) -> None:
                 cloud._serve(self, "DELETE")
 
@@ -74,9 +80,20 @@ class FakeCloud:
         threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.url
 
     def stop(self) -> None:
+        """Shut down without waiting out serve_forever's poll: connections wake its select()
+        until it has seen the shutdown request."""
+        stopper = threading.Thread(target=self._shutdown)
+        stopper.start()
+        while stopper.is_alive():
+            with contextlib.suppress(OSError):
+                socket.create_connection(self._server.server_address, timeout=0.1).close()
+            stopper.join(0.01)
+
+    def _shutdown(self) -> None:
         self._server.shutdown()
         self._server.server_close()
 

@@ -7,9 +7,7 @@ complete after ``transfer_after`` action GETs; listings paginate by ``per_page``
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +30,6 @@ class FakeDigitalOcean(FakeCloud):
     images: dict[int, dict[str, Any]] = field(default_factory=dict)
     tags: set[str] = field(default_factory=set)
     actions: dict[int, dict[str, Any]] = field(default_factory=dict)
-    url: str = ""
     _polls: dict[tuple[str, int], int] = field(default_factory=dict)
     _next_id: dict[str, int] = field(
         default_factory=lambda: {"droplet": 3164444, "image": 7555620, "action": 36804636}
@@ -56,25 +53,6 @@ class FakeDigitalOcean(FakeCloud):
             ("DELETE", r"/v2/tags/([^/]+)/resources", self._untag_resources),
         ):
             self.route(method, pattern, self._locked(handler))
-
-    def start(self) -> str:
-        self.url = super().start()
-        return self.url
-
-    def stop(self) -> None:
-        """serve_forever looks for a shutdown every 0.5 s; connections wake it at once
-        (0.5 s per test otherwise)."""
-        stopped = threading.Event()
-        threading.Thread(target=self._wake, args=(stopped,), daemon=True).start()
-        try:
-            super().stop()
-        finally:
-            stopped.set()
-
-    def _wake(self, stopped: threading.Event) -> None:
-        while not stopped.wait(0.01):
-            with contextlib.suppress(OSError):
-                socket.create_connection(self._server.server_address, timeout=1).close()
 
     def add_image(
         self,

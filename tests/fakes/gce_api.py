@@ -15,20 +15,18 @@ typo fails a test. Errors come in GCE's shape: {"error": {"code", "message", "er
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import functools
 import hashlib
 import itertools
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -103,7 +101,6 @@ class FakeGCE(FakeCloud):
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     handler_errors: list[str] = field(default_factory=list)  # bugs in this fake
-    url: str = ""
     _ticks: Iterator[int] = field(default_factory=itertools.count)
     _serials: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _issued: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -186,43 +183,7 @@ class FakeGCE(FakeCloud):
         """The path of a project resource, as requests carry it."""
         return f"{COMPUTE}/projects/{self.project}{path}"
 
-    # --- the HTTP server (FakeCloud's, plus PATCH, form bodies and many tokens) -----------
-
-    def start(self) -> str:
-        cloud = self
-
-        class HTTPHandler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                cloud._serve(self, "GET")
-
-            def do_POST(self) -> None:
-                cloud._serve(self, "POST")
-
-            def do_PATCH(self) -> None:
-                cloud._serve(self, "PATCH")
-
-            def do_DELETE(self) -> None:
-                cloud._serve(self, "DELETE")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), HTTPHandler)
-        self._server.daemon_threads = True
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        return self.url
-
-    def stop(self) -> None:
-        """As FakeCloud.stop, without waiting out serve_forever's poll interval."""
-        stopper = threading.Thread(target=super().stop)
-        stopper.start()
-        while stopper.is_alive():
-            with contextlib.suppress(OSError):
-                socket.create_connection(self._server.server_address, timeout=0.1).close()
-            stopper.join(0.01)
+    # --- requests: form bodies and many tokens ------------------------------------------
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Handlers run one at a time and answer their own errors (Refused)."""

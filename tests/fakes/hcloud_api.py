@@ -10,12 +10,10 @@ so a typo in the driver fails a test instead of being silently ignored.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -92,16 +90,6 @@ class FakeHetzner(FakeCloud):
         url = super().start()
         self.endpoint = f"{url}{V1}"
         return url
-
-    def stop(self) -> None:
-        """As FakeCloud.stop, without waiting out serve_forever's 0.5 s poll: connections
-        wake its select() until it has seen the shutdown request."""
-        stopper = threading.Thread(target=super().stop)
-        stopper.start()
-        while stopper.is_alive():
-            with contextlib.suppress(OSError):
-                socket.create_connection(self._server.server_address, timeout=0.1).close()
-            stopper.join(0.01)
 
     def error_body(self, code: str, message: str) -> Any:
         return {"error": {"code": code, "message": message, "details": {}}}

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import copy
 import itertools
 import json
 import re
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
@@ -108,7 +106,6 @@ class FakeOpenStack(FakeCloud):
     flavors: list[dict[str, Any]] = field(default_factory=list)
     networks: list[dict[str, Any]] = field(default_factory=list)
     handler_errors: list[str] = field(default_factory=list)  # bugs in this fake
-    url: str = ""
     _ticks: Iterator[int] = field(default_factory=itertools.count)
     _serials: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _polls: dict[str, int] = field(default_factory=dict)
@@ -138,47 +135,7 @@ class FakeOpenStack(FakeCloud):
         ):
             self.route(method, pattern, handler)
 
-    # --- the HTTP server (FakeCloud's, plus PATCH, X-Auth-Token and answer headers) -------
-
-    def start(self) -> str:
-        cloud = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                cloud._serve(self, "GET")
-
-            def do_POST(self) -> None:
-                cloud._serve(self, "POST")
-
-            def do_PUT(self) -> None:
-                cloud._serve(self, "PUT")
-
-            def do_PATCH(self) -> None:
-                cloud._serve(self, "PATCH")
-
-            def do_DELETE(self) -> None:
-                cloud._serve(self, "DELETE")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        return self.url
-
-    def stop(self) -> None:
-        """As FakeCloud.stop, without waiting out serve_forever's poll: connections wake its
-        select() until it has seen the shutdown request."""
-        stopper = threading.Thread(target=super().stop)
-        stopper.start()
-        while stopper.is_alive():
-            with contextlib.suppress(OSError):
-                socket.create_connection(self._server.server_address, timeout=0.1).close()
-            stopper.join(0.01)
+    # --- requests: X-Auth-Token and answer headers --------------------------------------
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Handlers run one at a time and answer their own errors (Refused)."""

@@ -14,11 +14,9 @@ it. Stricter than the real API on purpose: unknown request fields are a 400.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
-import socket
 import threading
 import time
 import uuid
@@ -78,7 +76,6 @@ class FakeScaleway(FakeCloud):
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
     user_data: dict[str, dict[str, str]] = field(default_factory=dict)  # server -> key -> text
     handler_errors: list[str] = field(default_factory=list)  # bugs in this fake, for asserts
-    url: str = ""
     _ticks: Iterator[int] = field(default_factory=itertools.count)
     _polls: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -116,22 +113,7 @@ class FakeScaleway(FakeCloud):
 
         super().route(method, pattern, guarded)
 
-    # --- HTTP: X-Auth-Token, PATCH, text bodies, response headers ------------------------
-
-    def start(self) -> str:
-        self.url = super().start()
-        # FakeCloud's handler knows GET, POST, PUT and DELETE; Scaleway updates with PATCH.
-        self._server.RequestHandlerClass.do_PATCH = lambda http: self._serve(http, "PATCH")
-        return self.url
-
-    def stop(self) -> None:
-        """As FakeCloud.stop, without waiting out serve_forever's 0.5 s poll."""
-        stopper = threading.Thread(target=super().stop)
-        stopper.start()
-        while stopper.is_alive():
-            with contextlib.suppress(OSError):
-                socket.create_connection(self._server.server_address, timeout=0.1).close()
-            stopper.join(0.01)
+    # --- HTTP: X-Auth-Token, text bodies, response headers -------------------------------
 
     def _serve(self, http: BaseHTTPRequestHandler, method: str) -> None:
         parts = urlsplit(http.path)
