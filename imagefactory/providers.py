@@ -69,18 +69,16 @@ class Provider:
     def instance(
         self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
     ) -> contextlib.AbstractContextManager[Instance]:
-        """A fresh instance of the artifact, reachable over SSH; destroyed on exit, always."""
-        raise ConfigError(
-            f"booting {self.title} instances for checks is not implemented (README: Clouds); "
-            f"boot one yourself and run `inv check --host USER@ADDR --image {image.name}`"
-        )
+        """A fresh instance of the artifact, reachable over SSH; destroyed on exit, always.
+        Every provider provides it (LocalDiskProvider, CloudProvider)."""
+        raise NotImplementedError
 
     def publish(
         self, record: Record, image: ImageDefinition, settings: Settings, log: StepLog
     ) -> str:
         """Make a certified artifact available to users; returns where it went.
         Only called through the gate (publish.publish_record)."""
-        raise ConfigError(f"publishing to {self.title} is not implemented (README: Clouds)")
+        raise NotImplementedError
 
     def recover(self, image: ImageDefinition, settings: Settings, log: StepLog) -> None:
         """Undo what a killed run left behind (check instances, a half-done publish);
