@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 
-from checklib import Context, Result, failed, passed, read_text, run, skipped
+from checklib import Context, Result, failed, passed, read_text, run, skipped, unit_properties
 
 CLOUD_INIT_LOG = "/var/log/cloud-init.log"
 MAIN_UNIT = "cloud-init-main.service"
 STAGES = ("init-local", "init", "modules:config", "modules:final")
+MAIN_PROPERTIES = ("LoadState", "UnitFileState", "ActiveState", "Result", "ExecMainStatus")
 
 
 def judge_status(status: dict) -> list[str]:
@@ -67,12 +68,6 @@ def judge_single_process(main_output: str, main: dict[str, str]) -> list[str]:
     return problems
 
 
-def _show(unit: str) -> dict[str, str]:
-    props = ("LoadState", "UnitFileState", "ActiveState", "Result", "ExecMainStatus")
-    done = run(["systemctl", "show", *[f"--property={p}" for p in props], unit])
-    return dict(line.partition("=")[::2] for line in done.stdout.splitlines() if "=" in line)
-
-
 def _masked(units: list[str]) -> list[str]:
     problems = []
     for unit in units:
@@ -100,7 +95,7 @@ def check(ctx: Context) -> Result:
     single = bool(boot.get("cloud_init_single_process"))
     if single:
         journal = run(["journalctl", "--boot", "--output=cat", f"--unit={MAIN_UNIT}"]).stdout
-        problems += judge_single_process(journal, _show(MAIN_UNIT))
+        problems += judge_single_process(journal, unit_properties(MAIN_UNIT, MAIN_PROPERTIES))
     recoverable = status.get("recoverable_errors") or {}
     data = {
         "status": status.get("extended_status") or status.get("status"),

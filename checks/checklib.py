@@ -123,6 +123,22 @@ def run(
     return Completed(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
+def parse_show(text: str) -> dict[str, str]:
+    """`systemctl show -p A -p B unit`: KEY=value lines."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key] = value
+    return values
+
+
+def unit_properties(unit: str, properties: tuple[str, ...]) -> dict[str, str]:
+    """A systemd unit's properties, as `systemctl show` reports them."""
+    args = [arg for prop in properties for arg in ("-p", prop)]
+    return parse_show(run(["systemctl", "show", *args, unit]).stdout)
+
+
 def read_text(path: str | Path, default: str | None = None) -> str | None:
     """A file's text, or ``default`` when it does not exist or cannot be read."""
     try:

@@ -12,7 +12,15 @@ import os
 import time
 from pathlib import Path
 
-from checklib import Context, Result, failed, passed, read_text, run, skipped
+from checklib import (
+    Context,
+    Result,
+    failed,
+    passed,
+    read_text,
+    skipped,
+    unit_properties,
+)
 from kernel_modules import effective_config_files, normalize, parse_builtin, parse_proc_modules
 
 STABLE_FOR_S = 5.0
@@ -34,16 +42,6 @@ PROPERTIES = (
     "MainPID",
     "Result",
 )
-
-
-def parse_show(text: str) -> dict[str, str]:
-    """`systemctl show -p A -p B unit`: KEY=value lines."""
-    values = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key] = value
-    return values
 
 
 def parse_modules_load(files: list[tuple[str, str]]) -> dict[str, str]:
@@ -103,8 +101,7 @@ def judge_modules(
 
 
 def snapshot(unit: str) -> dict[str, str]:
-    args = [arg for prop in PROPERTIES for arg in ("-p", prop)]
-    return parse_show(run(["systemctl", "show", *args, f"{unit}.service"]).stdout)
+    return unit_properties(f"{unit}.service", PROPERTIES)
 
 
 def modules_load_files() -> list[tuple[str, str]]:

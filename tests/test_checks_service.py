@@ -15,7 +15,7 @@ FOCAL = ROOT / "tests" / "data" / "focal"
 
 service = guest_module("strongswan_service")
 checklib = guest_module("checklib")
-GOOD = service.parse_show((FOCAL / "systemctl-show.strongswan-starter").read_text())
+GOOD = checklib.parse_show((FOCAL / "systemctl-show.strongswan-starter").read_text())
 
 
 def test_recorded_running_unit_passes() -> None:
@@ -42,7 +42,7 @@ def test_unit_problems(first: dict, second: dict, problem: str) -> None:
 
 
 def test_a_missing_unit_fails_but_strongswan_service_may_be_absent() -> None:
-    absent = service.parse_show((FOCAL / "systemctl-show.strongswan").read_text())
+    absent = checklib.parse_show((FOCAL / "systemctl-show.strongswan").read_text())
 
     assert absent["LoadState"] == "not-found"
     problems = service.judge_unit("strongswan", absent, absent)
