@@ -93,14 +93,15 @@ def validate(c, image=None, provider=None):
         "stage": "matrix (render+validate every pair), build (cold base, warm base, build) "
         "boot (boot-to-ready: stock-like base vs the latest built image) or pipeline "
         "(a cold pipeline in a scratch build directory, then a no-op rebuild)",
-        "image": "image for --stage build (default: ubuntu-20.04)",
+        "image": "image for --stage build/boot/pipeline (default: factory.default_image)",
         "output": "JSON lines file to append results to (default: build/bench.jsonl)",
     },
 )
 @user_errors
-def benchmark(c, stage="matrix", image="ubuntu-20.04", output=None):
+def benchmark(c, stage="matrix", image=None, output=None):
     """Benchmark a stage and record its timings and sizes (build/bench.jsonl)."""
     settings = _settings(c)
+    [image] = matrix.image_names(settings, [image] if image else None)
     log = StepLog()
     packer = _packer(settings, log)
     if stage == "matrix":
@@ -121,36 +122,36 @@ def benchmark(c, stage="matrix", image="ubuntu-20.04", output=None):
 
 @task(
     help={
-        "image": "image name from images/ (default: ubuntu-20.04)",
+        "image": "image name from images/ (default: factory.default_image)",
         "refresh": "rebuild even when a cached base with the same inputs exists",
     }
 )
 @user_errors
-def base(c, image="ubuntu-20.04", refresh=False):
+def base(c, image=None, refresh=False):
     """Build (or reuse from the cache) the base disk image from the Ubuntu archive."""
     from imagefactory.base import build_base
 
     settings = _settings(c)
     log = StepLog()
-    [definition] = select_images(settings.images_dir, [image])
+    [definition] = select_images(settings.images_dir, _one_image(settings, image))
     result = build_base(definition, settings, log, refresh=refresh)
     print(result.path)
 
 
 @task(
     help={
-        "image": "image name from images/ (default: ubuntu-20.04)",
+        "image": "image name from images/ (default: factory.default_image)",
         "provider": "provider name (default: qemu)",
         "refresh_base": "rebuild the base image even when cached",
         "keep_on_error": "leave a failed build's work directory for debugging",
     }
 )
 @user_errors
-def build(c, image="ubuntu-20.04", provider="qemu", refresh_base=False, keep_on_error=False):
+def build(c, image=None, provider="qemu", refresh_base=False, keep_on_error=False):
     """Build one image for one provider with Packer; writes the artifact and its record."""
     settings = _settings(c)
     log = StepLog()
-    [pair] = matrix.select_pairs(settings, [image], [provider])
+    [pair] = matrix.select_pairs(settings, _one_image(settings, image), [provider])
     packer = _packer(settings, log)
     with runs.exclusive(settings.build_dir, "inv build", log):
         record_path, _ = builder.build(
@@ -172,7 +173,8 @@ def records(c, json=False):
 
 @task(
     help={
-        "image": "image to certify (default: ubuntu-20.04); with --host: that image's profile",
+        "image": "image to certify (default: factory.default_image); with --host: that "
+        "image's profile",
         "provider": "provider whose latest artifact of --image is certified (default: qemu)",
         "record": "certify this record.json instead of the latest artifact",
         "host": "USER@ADDR of an existing machine to check over SSH (no image: assessment)",
@@ -189,21 +191,26 @@ def check(c, image=None, provider="qemu", record=None, host=None, port=22, key=N
         passed = checking.check_existing_host(settings, host, int(port), key, image, log)
     else:
         with runs.exclusive(settings.build_dir, "inv check", log):
-            passed = checking.certify_latest(
-                settings, image or "ubuntu-20.04", provider, record, log
-            )
+            [name] = _one_image(settings, image)
+            passed = checking.certify_latest(settings, name, provider, record, log)
     if not passed:
         raise Exit("error: a required check failed (see above)", code=CertificationFailed.exit_code)
 
 
 PAIR_HELP = {
-    "image": "image name (repeatable; default: ubuntu-20.04)",
+    "image": "image name (repeatable; `all`: every image; default: factory.default_image)",
     "provider": "provider name (repeatable; default: qemu)",
 }
 
 
+def _one_image(settings: Settings, image: str | None) -> list[str]:
+    if image == matrix.ALL:
+        raise ConfigError("--image: this task takes one image, not all")
+    return matrix.image_names(settings, [image] if image else None)
+
+
 def _pairs(settings: Settings, image: list[str] | None, provider: list[str] | None):
-    return matrix.select_pairs(settings, image or ["ubuntu-20.04"], provider or ["qemu"])
+    return matrix.select_pairs(settings, matrix.image_names(settings, image), provider or ["qemu"])
 
 
 @task(
@@ -238,7 +245,7 @@ def _newest_record(settings: Settings, pair) -> Path:
 @task(iterable=["image", "provider"], help=PAIR_HELP | {"refresh_base": "rebuild the base"})
 @user_errors
 def pipeline(c, image=None, provider=None, refresh_base=False):
-    """The main job: validate -> base -> build -> certify -> publish (default: 20.04 on qemu)."""
+    """The main job: validate -> base -> build -> certify -> publish (default image on qemu)."""
     settings = _settings(c)
     log = StepLog()
     pairs = _pairs(settings, image, provider)
@@ -254,7 +261,7 @@ def pipeline(c, image=None, provider=None, refresh_base=False):
 @task(
     iterable=["image", "provider"],
     help={
-        "image": "image name (repeatable; default: the pairs in factory.schedule)",
+        "image": "image name (repeatable; `all`: every image; default: factory.schedule)",
         "provider": "provider name (repeatable; default: the pairs in factory.schedule)",
         "force": "rebuild even when nothing changed",
     },

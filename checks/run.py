@@ -51,6 +51,9 @@ REGISTRY: dict[str, str] = {
     "snapd": "snapd",
     "strongswan_service": "strongswan_service",
     "boot": "boot",
+    "apparmor": "apparmor",
+    "updates": "updates",
+    "parity": "parity",
     "hygiene": "hygiene",
 }
 PROFILES = ("full", "assessment")
@@ -89,7 +92,7 @@ def load_expectations(path: str, known: dict[str, Any]) -> dict[str, Any]:
     profile = expect.get("profile", "full")
     if profile not in PROFILES:
         raise UsageError(f"profile must be one of {PROFILES}, not {profile!r}")
-    for section in ("service", "packages", "kernel_modules"):
+    for section in ("service", "packages", "kernel_modules", "apparmor", "updates", "parity"):
         if expect.get(section) is not None and not isinstance(expect[section], dict):
             raise UsageError(f'"{section}" must be an object or null')
     return expect

@@ -1,9 +1,15 @@
 """strongswan_service: the release's strongSwan unit is enabled, running and stays running,
-and the modules it needs before charon starts are loaded now and at every boot.
+the modules it needs before charon starts are loaded now and at every boot, and the unit also
+starts and stays up under the sandbox a deployment puts it in (Algo's systemd hardening).
 
-On 20.04 the ipsec.conf daemon's unit is strongswan-starter; strongswan.service belongs to
-charon-systemd and is normally absent. af_key must be loaded at boot (/proc/net/pfkey; Algo
-issues #14820, #14996): autoloading does not cover it.
+On 20.04 and later the ipsec.conf daemon's unit is strongswan-starter; strongswan.service
+belongs to charon-systemd and is normally absent. af_key must be loaded at boot (/proc/net/pfkey;
+Algo issues #14820, #14996): autoloading does not cover it.
+
+The sandbox (data/strongswan-sandbox.conf) goes in as a runtime drop-in, the unit is restarted
+under it and then restarted without it: the image is left as it was. Algo's
+`ReadOnlyPaths=/proc/net/pfkey` cannot work on any kernel; the check shows that once per image
+(data.readonly_pfkey) instead of carrying it in the sandbox.
 """
 
 from __future__ import annotations
@@ -13,17 +19,23 @@ import time
 from pathlib import Path
 
 from checklib import (
+    Cleanup,
     Context,
     Result,
     failed,
     passed,
     read_text,
+    run,
     skipped,
     unit_properties,
+    wait_until,
 )
 from kernel_modules import effective_config_files, normalize, parse_builtin, parse_proc_modules
 
 STABLE_FOR_S = 5.0
+SANDBOX = Path(__file__).resolve().parent / "data" / "strongswan-sandbox.conf"
+SANDBOX_DROPIN = "90-imagefactory-check-sandbox.conf"
+START_TIMEOUT_S = 60.0
 MODULES_LOAD_DIRS = (
     "/etc/modules-load.d",
     "/run/modules-load.d",
@@ -112,6 +124,58 @@ def modules_load_files() -> list[tuple[str, str]]:
     return files
 
 
+def sandbox_dropin(unit: str) -> Path:
+    return Path("/run/systemd/system", f"{unit}.service.d", SANDBOX_DROPIN)
+
+
+def restart_and_judge(unit: str) -> list[str]:
+    """Restart the unit and judge it once it settled (active, then stable for a while)."""
+    done = run(["systemctl", "restart", f"{unit}.service"], timeout=START_TIMEOUT_S)
+    if not done.ok:
+        status = snapshot(unit)
+        return [f"{unit} does not start ({status.get('Result')}): {done.why()}"]
+    wait_until(lambda: snapshot(unit).get("SubState") == "running", START_TIMEOUT_S)
+    first = snapshot(unit)
+    time.sleep(STABLE_FOR_S)
+    return judge_unit(unit, first, snapshot(unit))
+
+
+def _reload() -> object:
+    return run(["systemctl", "daemon-reload"], timeout=START_TIMEOUT_S)
+
+
+def under_sandbox(unit: str) -> list[str]:
+    """Problems with the unit started under the sandbox drop-in; afterwards the drop-in is
+    gone and the unit runs as the image configures it (a failure to get there is reported)."""
+    dropin = sandbox_dropin(unit)
+    with Cleanup() as cleanup:
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        cleanup.push(f"restart {unit} without the sandbox", lambda: _restored(unit))
+        cleanup.push(f"remove {dropin}", lambda: (dropin.unlink(), _reload())[1])
+        dropin.write_text(SANDBOX.read_text())
+        _reload()
+        problems = [f"under the sandbox: {p}" for p in restart_and_judge(unit)]
+    return problems + [f"restoring: {error}" for error in cleanup.errors]
+
+
+def _restored(unit: str) -> None:
+    problems = restart_and_judge(unit)
+    if problems:
+        raise RuntimeError("; ".join(problems))
+
+
+def readonly_pfkey_probe() -> str:
+    """What systemd makes of Algo's `ReadOnlyPaths=/proc/net/pfkey` here (a throwaway unit)."""
+    done = run(
+        ["systemd-run", "--wait", "--quiet", "--collect", "-p", "ReadOnlyPaths=/proc/net/pfkey",
+         "/bin/true"],
+        timeout=START_TIMEOUT_S,
+    )  # fmt: skip
+    if done.ok:
+        return "applies"
+    return f"refused (exit {done.returncode}; the kernel cannot mount on /proc/<pid>/net files)"
+
+
 def check(ctx: Context) -> Result:
     service = ctx.section("service")
     if not service or not service.get("unit"):
@@ -141,8 +205,13 @@ def check(ctx: Context) -> Result:
     data = {"unit": unit, "state": second, "load_modules": wanted, "strongswan.service": other}
     if problems:
         return failed("; ".join(problems), **data)
+    sandboxed = under_sandbox(unit)
+    data["readonly_pfkey"] = readonly_pfkey_probe()
+    if sandboxed:
+        return failed("; ".join(sandboxed), **data)
     return passed(
-        f"{unit} enabled and active for {STABLE_FOR_S:g} s; "
-        f"{', '.join(wanted) or 'no modules'} loaded and loaded at boot",
+        f"{unit} enabled and active for {STABLE_FOR_S:g} s, also under Algo's sandbox; "
+        f"{', '.join(wanted) or 'no modules'} loaded and loaded at boot; "
+        f"ReadOnlyPaths=/proc/net/pfkey {data['readonly_pfkey'].split(' (')[0]}",
         **data,
     )

@@ -57,7 +57,7 @@ from .settings import REPO_ROOT, Settings
 from .steps import StepLog
 
 # Bump whenever the build below changes what ends up in the image: it invalidates the cache.
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 
 KEYS_DIR = REPO_ROOT / "keys"
 ARCHIVE_KEYRING = KEYS_DIR / "ubuntu-archive-keyring.asc"
@@ -67,6 +67,7 @@ ROOT_LABEL = "cloudimg-rootfs"  # what Ubuntu's cloud images call their root fil
 HOSTNAME = "ubuntu"
 # The qemu provider attaches the disk as virtio (templates/qemu.pkr.hcl.j2).
 GRUB_INSTALL_DEVICE = "/dev/vda"
+BOOT_DRIVERS = ("virtio_blk",)
 QCOW2_NAME = "base.qcow2"
 MANIFEST_NAME = "manifest.json"
 PACKAGES_NAME = "packages.txt"
@@ -106,6 +107,11 @@ class KeyringError(ConfigError):
 
 class MirrorError(FactoryError):
     """The archive mirror or a download URL cannot be reached."""
+
+
+class MissingSuiteError(ConfigError):
+    """The mirror has no such codename or pocket: the image definition names a suite that is
+    not there (or the mirror setting points at the wrong archive)."""
 
 
 class VerificationError(FactoryError):
@@ -202,6 +208,7 @@ def base_inputs(image: ImageDefinition, settings: Settings) -> dict[str, Any]:
         "disk_size": archive.disk_size,
         "path_exclude": list(archive.path_exclude),
         "path_include": list(archive.path_include),
+        "enable_units": list(archive.enable_units),
         "keyring_fingerprints": sorted(archive.keyring_fingerprints),
     }
 
@@ -374,28 +381,37 @@ def _remove_work(work: Path, failure: BaseException | None) -> None:
 def _preflight(inputs: Mapping[str, Any], key_file: Path, keyring: Path) -> None:
     """Refuse early, with one line, what would otherwise fail minutes into the build."""
     pinned_keyring(key_file, inputs["keyring_fingerprints"], keyring, exact=True)
-    check_mirror(inputs["mirror"], inputs["codename"])
+    check_mirror(inputs["mirror"], inputs["codename"], inputs["pockets"])
     for tool, package in HOST_TOOLS.items():
         require_tool(tool, package)
     if os.geteuid() != 0:
         raise ConfigError("building a base image needs root (loop devices, mounts, chroot)")
 
 
-def check_mirror(mirror: str, codename: str) -> None:
-    url = f"{mirror}/dists/{codename}/InRelease"
+def check_mirror(mirror: str, codename: str, pockets: Sequence[str] = ()) -> None:
+    """Every pocket must be on the mirror (its signed InRelease answers) before anything is
+    built or cached: a 404 is the definition's fault (exit 2), no answer the network's."""
+    for pocket in pockets or [codename]:
+        url = f"{mirror}/dists/{pocket}/InRelease"
+        status = _status(mirror, url)
+        if status != 200:
+            raise MissingSuiteError(
+                f"archive mirror {mirror} has no pocket {pocket} of {codename} "
+                f"({url}: {'not found' if status == 404 else f'HTTP {status}'}); "
+                "nothing was built or cached"
+            )
+
+
+def _status(mirror: str, url: str) -> int:
     if urlsplit(mirror).scheme == "file":
-        if not Path(urlsplit(url).path).is_file():
-            raise MirrorError(f"archive mirror {mirror} has no {url}")
-        return
+        return 200 if Path(urlsplit(url).path).is_file() else 404
     try:
         with requests.get(url, timeout=HTTP_TIMEOUT, stream=True) as response:
-            status = response.status_code
+            return response.status_code
     except requests.RequestException as exc:
         raise MirrorError(
             f"archive mirror {mirror} is unreachable ({type(exc).__name__})"
         ) from None
-    if status != 200:
-        raise MirrorError(f"archive mirror {mirror}: {url} answered HTTP {status}")
 
 
 def _build_into(
@@ -410,6 +426,7 @@ def _build_into(
         kernel = _kernel_version(tree)
     with log.step("configure"):
         configure_tree(tree, inputs)
+        enable_units(tree, inputs["enable_units"], say)
         packages = run(
             ["chroot", tree, "dpkg-query", "-W", "-f", "${Package} ${Version}\\n"],
             capture=True,
@@ -514,7 +531,28 @@ def configure_tree(root: Path, inputs: Mapping[str, Any]) -> None:
         *root.glob("var/lib/cloud/*"),
     ]:
         _remove(path)
+    _resolver(root)
     _clean_apt(root)
+
+
+RESOLVED_STUB = "../run/systemd/resolve/stub-resolv.conf"
+
+
+def _resolver(root: Path) -> None:
+    """Like Ubuntu's images: /etc/resolv.conf is systemd-resolved's stub. mmdebstrap leaves the
+    build host's own copy when no package replaced it (noble's base without systemd-resolved)."""
+    resolv = root / "etc/resolv.conf"
+    has_resolved = any((root / d / "systemd/systemd-resolved").exists() for d in ("usr/lib", "lib"))
+    if has_resolved and not resolv.is_symlink():
+        resolv.unlink(missing_ok=True)
+        resolv.symlink_to(RESOLVED_STUB)
+
+
+def enable_units(root: Path, units: Sequence[str], say: Callable[[str], None]) -> None:
+    """Enable units the release's packages leave off but its cloud images run (offline:
+    systemctl only writes the [Install] symlinks into the tree)."""
+    for unit in units:
+        _chroot(root, ["systemctl", "enable", unit], say)
 
 
 def cloud_config(mirror: str) -> str:
@@ -585,10 +623,20 @@ def hygiene_problems(root: Path) -> list[str]:
             problems.append(f"user {user} has a usable (or empty) password")
     if [p for p in root.glob("var/lib/apt/lists/*") if p.name not in ("lock", "partial")]:
         problems.append("apt lists were not cleaned")
+    resolv = root / "etc/resolv.conf"
+    if resolv.is_file() and not resolv.is_symlink() and _is_hosts_resolv(resolv):
+        problems.append("/etc/resolv.conf is the build host's")
     if not (root / "usr/bin/lsb_release").exists():
         problems.append("lsb-release is missing (cloud-init would break sources.list)")
     problems += _boot_problems(root)
     return problems
+
+
+def _is_hosts_resolv(resolv: Path) -> bool:
+    try:
+        return resolv.read_bytes() == Path("/etc/resolv.conf").read_bytes()
+    except OSError:
+        return False
 
 
 def _boot_problems(root: Path) -> list[str]:
@@ -644,16 +692,32 @@ def _install_boot(root: Path, loop: str, kernel: str, say: Callable[[str], None]
     selections = f"grub-pc grub-pc/install_devices multiselect {GRUB_INSTALL_DEVICE}\n"
     _chroot(root, ["debconf-set-selections"], say, input=selections)
     _chroot(root, ["update-initramfs", "-u", "-k", kernel], say)
-    # The focal generic kernel has virtio_blk as a module: without it there is no root.
+    # Without the disk's driver there is no root: it must be built in or in the initramfs.
     listing = _chroot(root, ["lsinitramfs", f"/boot/initrd.img-{kernel}"], say, capture=True)
-    if "/virtio_blk.ko" not in listing:
-        raise BaseBuildError(f"the initramfs of {kernel} lacks virtio_blk")
+    builtin = (root / "lib/modules" / kernel / "modules.builtin").read_text()
+    missing = drivers_missing_at_boot(listing, builtin, BOOT_DRIVERS)
+    if missing:
+        raise BaseBuildError(f"the initramfs of {kernel} lacks {', '.join(missing)}")
     _chroot(root, ["grub-install", "--target=i386-pc", "--boot-directory=/boot", loop], say)
     _chroot(root, ["update-grub"], say)
     # Without udev grub-mkconfig sees no /dev/disk/by-uuid and writes root=/dev/loopNpM.
     grub_cfg = root / "boot/grub/grub.cfg"
     text = re.sub(r"root=/dev/loop\d+p\d+", f"root=LABEL={ROOT_LABEL}", grub_cfg.read_text())
     grub_cfg.write_text(text)
+
+
+def module_names(paths: str) -> set[str]:
+    """Module names in a listing of paths (``.../virtio_blk.ko.zst`` -> ``virtio_blk``):
+    uncompressed (focal, jammy) or compressed (noble on: zstd), ``-`` read as ``_``."""
+    found = re.findall(r"([^/\s]+)\.ko(?:\.(?:zst|xz|gz))?$", paths, re.MULTILINE)
+    return {name.replace("-", "_") for name in found}
+
+
+def drivers_missing_at_boot(initramfs_listing: str, modules_builtin: str,
+                            drivers: Sequence[str]) -> list[str]:  # fmt: skip
+    """The drivers neither built into the kernel (modules.builtin) nor in the initramfs."""
+    present = module_names(initramfs_listing) | module_names(modules_builtin)
+    return [d for d in drivers if d.replace("-", "_") not in present]
 
 
 def _chroot(

@@ -10,7 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import records
+from . import parity, records
 from .context import BuildRun, BuiltArtifact
 from .definitions import ImageDefinition
 from .digests import sha256_tree
@@ -63,8 +63,8 @@ def inputs_sha256(image: ImageDefinition, provider: Provider, settings: Settings
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def read_report(report_dir: Path) -> tuple[dict[str, str], str]:
-    """(facts, manifest text) from the report tarball the build downloaded."""
+def read_report(report_dir: Path) -> tuple[dict[str, str], str, str]:
+    """(facts, manifest text, parity reference text) from the build's report tarball."""
     tarball = report_dir / "report.tar"
     if not tarball.is_file():
         raise PackerError(f"{tarball}: the build did not deliver its report")
@@ -75,7 +75,7 @@ def read_report(report_dir: Path) -> tuple[dict[str, str], str]:
             if m.isfile()
         }
     facts = dict(line.split("=", 1) for line in files.get("facts", "").splitlines() if "=" in line)
-    return facts, files.get("packages.manifest", "")
+    return facts, files.get("packages.manifest", ""), files.get("reference.control", "")
 
 
 def parse_manifest(text: str) -> dict[str, str]:
@@ -137,7 +137,8 @@ def _build(run: BuildRun, provider: Provider, packer: Packer) -> tuple[Path, rec
             )
         with log.step("collect"):
             built = provider.collect(run, artifacts)
-            facts, manifest_text = read_report(run.work / "report")
+            facts, manifest_text, reference_text = read_report(run.work / "report")
+            facts["reference"] = reference_text
     timings = {name: seconds for name, seconds in log.timings.items() if name != outer}
     timings["total"] = round(time.monotonic() - started, 3)
     return _record(run, provider, built, rendered.sha256, packer, facts, manifest_text, timings)
@@ -167,6 +168,7 @@ def _record(
         kernel=facts.get("kernel", ""),
         manifest=str(manifest),
         packages=parse_manifest(manifest_text),
+        parity_reference=parity.reference_for(run.image, facts.get("reference", "")),
         provenance=records.Provenance(
             git_commit=commit,
             git_dirty=dirty,

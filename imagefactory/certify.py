@@ -17,18 +17,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from . import records
-from .definitions import ImageDefinition
+from pydantic import BaseModel
+
+from . import parity, records
+from .definitions import Checks, ImageDefinition
 from .digests import sha256_file, sha256_tree
 from .errors import FactoryError
 from .records import Certification, CheckResult, Record
 from .ssh import SSHTarget
 from .steps import StepLog
 
-FULL_PROFILE = [
-    "environment", "release", "kernel_modules", "xfrm", "ikev2_tunnel",
-    "snapd", "strongswan_service", "boot", "hygiene",
-]  # fmt: skip
+# Every check an image definition can enable, in the order they run (the schema's order).
+FULL_PROFILE = list(Checks.model_fields)
 # What Algo's guide asks of a new hosting provider's stock VM (no image of ours on it).
 ASSESSMENT_PROFILE = ["environment", "kernel_modules", "xfrm", "ikev2_tunnel"]
 CHECKS_TIMEOUT_S = 900
@@ -54,9 +54,11 @@ def expectations(
     image: ImageDefinition | None,
     provider: str | None,
     reference: ImageDefinition,
+    parity_reference: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """What the checks judge against. Without an image: the provider assessment, using
-    ``reference``'s kernel module lists (what a VPN server on that provider would need)."""
+    ``reference``'s kernel module lists (what a VPN server on that provider would need).
+    ``parity_reference`` is what the build recorded of Ubuntu's own image (its seeds)."""
     modules = (image or reference).checks.kernel_modules
     base = {
         "checks_version": checks_version(checks_dir),
@@ -73,6 +75,9 @@ def expectations(
             "service": None,
             "boot": None,
             "packages": None,
+            "apparmor": None,
+            "updates": None,
+            "parity": None,
             "checks": ASSESSMENT_PROFILE,
         }
     enabled = set(image.checks.enabled())
@@ -85,8 +90,15 @@ def expectations(
         "service": image.service.model_dump(),
         "boot": image.boot.model_dump(),
         "packages": {"purge": image.packages.purge, "pin_away": image.packages.pin_away},
+        "apparmor": _section(image.checks.apparmor),
+        "updates": _section(image.checks.updates),
+        "parity": parity.expectations(image, parity_reference or {}),
         "checks": [name for name in FULL_PROFILE if name in enabled],
     }
+
+
+def _section(expectations: BaseModel | None) -> dict[str, Any] | None:
+    return expectations.model_dump() if expectations is not None else None
 
 
 def run_checks(
@@ -189,7 +201,14 @@ def certify_record(
             log.step(f"certify {label}"),
             provider.instance(record, image, work, cache_dir, log) as instance,
         ):
-            expect = expectations(checks_dir, instance.allowed_keys, image, record.provider, image)
+            expect = expectations(
+                checks_dir,
+                instance.allowed_keys,
+                image,
+                record.provider,
+                image,
+                parity_reference=record.parity_reference,
+            )
             started = time.monotonic()
             with log.step("checks"):
                 results = run_checks(instance.target, checks_dir, expect, log)

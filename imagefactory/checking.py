@@ -14,8 +14,6 @@ from .settings import Settings
 from .ssh import SSHTarget
 from .steps import StepLog
 
-REFERENCE_IMAGE = "ubuntu-20.04"  # whose module lists a provider assessment applies
-
 
 def latest_record(settings: Settings, image: str, provider: str) -> Path:
     found = [
@@ -56,7 +54,8 @@ def check_existing_host(
     key_path = Path(key).expanduser() if key else None
     if key_path and not key_path.is_file():
         raise ConfigError(f"--key: {key_path} is not a file")
-    [reference] = select_images(settings.images_dir, [REFERENCE_IMAGE])
+    # A provider assessment applies the default image's kernel module lists.
+    [reference] = select_images(settings.images_dir, [settings.default_image])
     definition = select_images(settings.images_dir, [image])[0] if image else None
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report_dir = settings.build_dir / "checks" / f"{address}-{port}-{stamp}"

@@ -19,6 +19,8 @@ from .errors import ConfigError
 FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
 PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.-]+\.?(service)?$")
+# An AppArmor profile as strongSwan's packages name theirs: the confined program's path.
+PROFILE_NAME = re.compile(r"^/[A-Za-z0-9_./+-]+$")
 
 
 class Strict(BaseModel):
@@ -57,9 +59,21 @@ class ArchiveBase(Strict):
     # dpkg path filters (dpkg --path-exclude/--path-include), in order.
     path_exclude: list[str] = []
     path_include: list[str] = []
+    # Units the packages leave disabled but the release's cloud images run (systemctl enable).
+    enable_units: list[str] = []
 
     _fpr = field_validator("keyring_fingerprints")(_fingerprints)
     _pkgs = field_validator("packages")(_package_names)
+
+    @field_validator("enable_units")
+    @classmethod
+    def _units(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.fullmatch(r"[A-Za-z0-9@_.-]+\.(service|timer|socket)", value):
+                raise ValueError(
+                    f"{value!r} is not a systemd unit name like systemd-networkd.service"
+                )
+        return values
 
     @field_validator("disk_size")
     @classmethod
@@ -254,6 +268,45 @@ class EmptyCheck(Strict):
     """A check that takes its expectations from the rest of the image definition."""
 
 
+class AppArmorCheck(Strict):
+    """strongSwan's own AppArmor profiles in this release's packages: each must be loaded in
+    enforce mode, and each daemon in ``confined`` must run under its profile."""
+
+    enforce: list[str] = Field(min_length=1)
+    confined: list[str] = []
+
+    @field_validator("enforce", "confined")
+    @classmethod
+    def _profiles(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not PROFILE_NAME.fullmatch(value):
+                raise ValueError(
+                    f"{value!r} is not an AppArmor profile name like /usr/lib/ipsec/charon"
+                )
+        return values
+
+    @model_validator(mode="after")
+    def _confined_are_enforced(self) -> AppArmorCheck:
+        stray = [name for name in self.confined if name not in self.enforce]
+        if stray:
+            raise ValueError(f"confined {', '.join(stray)} must also be listed in enforce")
+        return self
+
+
+class UpdatesCheck(Strict):
+    """Security updates arrive between rebuilds and the clock is right (IKE certificates)."""
+
+    # The release's time-sync daemon: systemd-timesyncd, or chrony from 26.04.
+    time_sync: str
+
+    @field_validator("time_sync")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if not UNIT_NAME.match(value):
+            raise ValueError(f"{value!r} is not a systemd unit name")
+        return value.removesuffix(".service")
+
+
 class Checks(Strict):
     environment: EmptyCheck | None = None
     release: EmptyCheck | None = None
@@ -263,10 +316,55 @@ class Checks(Strict):
     snapd: EmptyCheck | None = None
     strongswan_service: EmptyCheck | None = None
     boot: EmptyCheck | None = None
+    apparmor: AppArmorCheck | None = None
+    updates: UpdatesCheck | None = None
+    parity: EmptyCheck | None = None
     hygiene: EmptyCheck | None = None
 
     def enabled(self) -> list[str]:
         return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+
+class LeftOut(Strict):
+    """Packages of Ubuntu's own image that this one leaves out, and why (one line)."""
+
+    reason: str = Field(min_length=1)
+    packages: list[str] = Field(min_length=1)
+
+    _pkgs = field_validator("packages")(_package_names)
+
+    @field_validator("reason")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("must be one line of printable text")
+        return value
+
+
+class Parity(Strict):
+    """Ubuntu's cloud image of the release, as its seeds (the archive's metapackages named in
+    ``reference``) list it: what this image carries of it, and what it leaves out on purpose.
+    The build records the metapackages' Depends and Recommends; the parity check holds the
+    booted image to them (packages.purge counts as left out, its reason is the purge)."""
+
+    reference: list[str] = Field(min_length=1)
+    left_out: list[LeftOut] = []
+
+    _refs = field_validator("reference")(_package_names)
+
+    @model_validator(mode="after")
+    def _once(self) -> Parity:
+        seen: dict[str, int] = {}
+        for group in self.left_out:
+            for name in group.packages:
+                seen[name] = seen.get(name, 0) + 1
+        twice = sorted(name for name, count in seen.items() if count > 1)
+        if twice:
+            raise ValueError(f"left_out names {', '.join(twice)} more than once")
+        return self
+
+    def reasons(self) -> dict[str, str]:
+        return {name: group.reason for group in self.left_out for name in group.packages}
 
 
 class ImageDefinition(Strict):
@@ -279,6 +377,7 @@ class ImageDefinition(Strict):
     boot: Boot = Boot()
     base: BaseSources
     providers: Providers
+    parity: Parity | None = None
     checks: Checks
 
     @field_validator("release")
@@ -294,6 +393,26 @@ class ImageDefinition(Strict):
         if not re.match(r"^[a-z0-9][a-z0-9.-]*$", value):
             raise ValueError(f"{value!r} may hold only lowercase letters, digits, '.' and '-'")
         return value
+
+    @model_validator(mode="after")
+    def _pockets_of_the_release(self) -> ImageDefinition:
+        pattern = re.compile(
+            rf"{re.escape(self.codename)}(-(updates|security|backports|proposed))?"
+        )
+        strays = [p for p in self.base.archive.pockets if not pattern.fullmatch(p)]
+        if strays:
+            raise ValueError(
+                f"base.archive.pockets: {', '.join(strays)} not a pocket of {self.codename} "
+                f"(allowed: {self.codename}, {self.codename}-updates, {self.codename}-security, "
+                f"{self.codename}-backports, {self.codename}-proposed)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _parity_has_a_reference(self) -> ImageDefinition:
+        if self.checks.parity is not None and self.parity is None:
+            raise ValueError("checks.parity needs a parity section (reference, left_out)")
+        return self
 
     @model_validator(mode="after")
     def _single_process_tools(self) -> ImageDefinition:

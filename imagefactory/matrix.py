@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .definitions import ImageDefinition, select_images
+from .definitions import ImageDefinition, available_images, select_images
 from .errors import ConfigError
 from .packer import Packer, PackerFeatures
 from .providers import Provider, select_providers
@@ -28,11 +28,33 @@ class Pair:
         return f"{self.image.name} on {self.provider.name}"
 
 
+ALL = "all"  # `--image all`: every image in images_dir
+
+
+def image_names(settings: Settings, names: list[str] | None) -> list[str]:
+    """The images a task named: ``all`` is every defined image; none is the default image.
+    Repeated names count once, in the order first given."""
+    if not names:
+        known = available_images(settings.images_dir)
+        if settings.default_image not in known:
+            raise ConfigError(
+                f"factory.default_image: {settings.default_image!r} is not an image in "
+                f"{settings.images_dir} (allowed: {', '.join(known)})"
+            )
+        return [settings.default_image]
+    if ALL in names:
+        return available_images(settings.images_dir)
+    return list(dict.fromkeys(names))
+
+
 def select_pairs(
     settings: Settings, images: list[str] | None, providers: list[str] | None
 ) -> list[Pair]:
     """Every (image, provider) asked for. A provider named explicitly must be defined by
-    every image asked for; by default an image gets the providers it defines."""
+    every image asked for; by default an image gets the providers it defines. No image
+    named means every image (``render``, ``validate``); ``all`` means the same."""
+    if images and ALL in images:
+        images = None
     selected_images = select_images(settings.images_dir, images)
     selected_providers = select_providers(providers)
     pairs: list[Pair] = []
@@ -48,11 +70,13 @@ def select_pairs(
 
 
 def scheduled_pairs(settings: Settings) -> list[Pair]:
-    """The pairs `factory.schedule` names, for `inv rebuild` without a selection."""
+    """The pairs `factory.schedule` names, for `inv rebuild` without a selection; by default
+    every defined image on qemu."""
+    wanted = settings.scheduled_pairs or [
+        (name, "qemu") for name in available_images(settings.images_dir)
+    ]
     return [
-        pair
-        for image, provider in settings.scheduled_pairs
-        for pair in select_pairs(settings, [image], [provider])
+        pair for image, provider in wanted for pair in select_pairs(settings, [image], [provider])
     ]
 
 

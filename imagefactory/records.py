@@ -87,6 +87,9 @@ class Record(BaseModel):
     kernel: str
     manifest: str  # path of the dpkg-query -W manifest beside the artifact
     packages: dict[str, str]
+    # Ubuntu's own image of the release: its seeds' metapackage -> dependency groups, as the
+    # archive listed them at build (the parity check's reference).
+    parity_reference: dict[str, list[str]] = {}
     provenance: Provenance
     timings: dict[str, float]
     history: list[Transition]

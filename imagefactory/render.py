@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -46,9 +47,16 @@ class Rendered:
         return sha256_tree(self.directory)
 
 
+def shell_words(value: str | list[str] | tuple[str, ...]) -> str:
+    """A value as shell words, each quoted for POSIX sh (the `sh` filter of the scripts)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(shlex.quote(str(item)) for item in value)
+    return shlex.quote(str(value))
+
+
 def environment(templates_dir: Path) -> jinja2.Environment:
     # Delimiters that cannot collide with Packer's {{ .HTTPIP }} nor HCL's ${ } and [[ ]].
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,
         block_start_string="[%",
@@ -62,6 +70,8 @@ def environment(templates_dir: Path) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
+    env.filters["sh"] = shell_words
+    return env
 
 
 def _template_location(templates_dir: Path) -> str:

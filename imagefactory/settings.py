@@ -44,8 +44,11 @@ class Settings:
     # GPG key (fingerprint or id) that signs SHA256SUMS and the streams; empty = unsigned.
     signing_key: str = ""
     gnupghome: str = ""  # GnuPG home holding signing_key (default: gpg's own, ~/.gnupg)
-    # `inv rebuild` without --image/--provider: these IMAGE:PROVIDER pairs, comma-separated.
-    schedule: str = "ubuntu-20.04:qemu"
+    # The image a task builds, checks or benchmarks when none is named (the embedded default).
+    default_image: str = "ubuntu-20.04"
+    # `inv rebuild` without --image/--provider: these IMAGE:PROVIDER pairs, comma-separated;
+    # empty: every image in images_dir on qemu.
+    schedule: str = ""
     # `inv rebuild` posts its JSON report here (on failure, or always with webhook_on=always).
     webhook_url: str = ""
     webhook_on: str = "failure"

@@ -29,6 +29,7 @@ from imagefactory.base import (
     BaseBuildError,
     KeyringError,
     MirrorError,
+    MissingSuiteError,
     VerificationError,
     base_inputs,
     build_base,
@@ -185,6 +186,31 @@ def test_an_unreachable_mirror_is_one_line_naming_it(settings: Settings) -> None
         build_base(IMAGE, Settings(cache_dir=settings.cache_dir, mirror=mirror), quiet_log())
     assert mirror in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def _mirror_with(root: Path, *suites: str) -> str:
+    for suite in suites:
+        (root / "dists" / suite).mkdir(parents=True)
+        (root / "dists" / suite / "InRelease").write_text("signed\n")
+    return f"file://{root}"
+
+
+def test_a_pocket_the_mirror_lacks_is_refused_naming_it(settings: Settings, tmp_path) -> None:
+    mirror = _mirror_with(tmp_path / "mirror", "focal", "focal-updates")  # no focal-security
+    with pytest.raises(MissingSuiteError) as caught:
+        build_base(IMAGE, Settings(cache_dir=settings.cache_dir, mirror=mirror), quiet_log())
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message
+    assert f"{mirror} has no pocket focal-security of focal" in message
+    assert [p.name for p in (settings.cache_dir / "base").iterdir() if p.is_dir()] == []
+
+
+def test_a_codename_the_mirror_lacks_is_refused_naming_it(settings: Settings, tmp_path) -> None:
+    mirror = _mirror_with(tmp_path / "mirror", "focal", "focal-updates", "focal-security")
+    pockets = ["nosuch", "nosuch-updates"]
+    image = with_archive(IMAGE, pockets=pockets).model_copy(update={"codename": "nosuch"})
+    with pytest.raises(MissingSuiteError, match="has no pocket nosuch of nosuch"):
+        build_base(image, Settings(cache_dir=settings.cache_dir, mirror=mirror), quiet_log())
 
 
 def test_mmdebstrap_trusts_only_the_pinned_keyring(tmp_path: Path) -> None:

@@ -37,9 +37,10 @@ def _report(tmp_path: Path, members: dict[str, str]) -> Path:
 def test_report_gives_facts_and_manifest(tmp_path: Path) -> None:
     manifest = "strongswan\t5.8.2-1ubuntu3.6\nlibc6:amd64\t2.31-0ubuntu9.16\n"
     facts_text = "kernel=5.4.0-200-generic\nversion_id=20.04\ncodename=focal\n"
-    facts, text = read_report(
+    facts, text, reference = read_report(
         _report(tmp_path, {"facts": facts_text, "packages.manifest": manifest})
     )
+    assert reference == ""  # a definition without parity asks for none
     assert facts == {"kernel": "5.4.0-200-generic", "version_id": "20.04", "codename": "focal"}
     assert parse_manifest(text) == {
         "strongswan": "5.8.2-1ubuntu3.6",

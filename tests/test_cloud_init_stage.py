@@ -49,6 +49,7 @@ def root(tmp_path: Path) -> Path:
     (lib / "cloud-init-stage").write_text(helper_text())
     digest = hashlib.sha256((root / SOCKET_PY).read_bytes()).hexdigest()
     (lib / "cloud-init-socket.sha256").write_text(digest + "\n")
+    (lib / "cloud-init-protocol").write_text("datagram\n")  # 20.04's cloud-init 24.4
     for path in OURS:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("ours\n")
@@ -107,6 +108,16 @@ def test_a_stage_is_handed_to_the_main_process(root: Path) -> None:
     share = root / "run/cloud-init/share"
     args = (root / "bin/nc.args").read_text().split()
     assert args == ["-Uu", "-W1", f"{share}/local.sock", "-s", f"{share}/local-return.sock"]
+
+
+def test_from_cloud_init_25_a_stage_is_one_stream_connection(root: Path) -> None:
+    # 22.04's and 24.04's cloud-init 26.x: SOCK_STREAM, the answer on the same connection.
+    (root / "usr/local/lib/imagefactory/cloud-init-protocol").write_text("stream\n")
+    fake_tools(root / "bin", main_active=True, reply="echo 'Completed stage network'; exit 0;")
+    done = run_helper(root, "network", "false")
+    assert done.returncode == 0 and done.stdout == "Completed stage network\n"
+    args = (root / "bin/nc.args").read_text().split()
+    assert args == ["-U", f"{root}/run/cloud-init/share/network.sock"]
 
 
 def test_the_main_process_exit_status_becomes_the_units(root: Path) -> None:

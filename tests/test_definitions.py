@@ -14,7 +14,7 @@ from imagefactory.settings import REPO_ROOT
 IMAGES = REPO_ROOT / "images"
 
 
-@pytest.mark.parametrize("name", ["ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04"])
+@pytest.mark.parametrize("name", ["ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04", "ubuntu-26.04"])
 def test_shipped_images_load(name: str) -> None:
     image = load_image(IMAGES / f"{name}.yaml")
     assert image.name == name
@@ -127,3 +127,32 @@ def test_not_a_mapping(images_copy: Path) -> None:
 def test_unknown_image_names_the_available_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown image ubuntu-18\.04 .*ubuntu-20\.04"):
         select_images(IMAGES, ["ubuntu-18.04"])
+
+
+def test_a_pocket_of_another_release_is_refused(images_copy: Path) -> None:
+    path = _mutate(
+        images_copy, lambda d: d["base"]["archive"].update(pockets=["focal", "jammy-security"])
+    )
+    message = _error(path)
+    assert "jammy-security not a pocket of focal" in message and "focal-updates" in message
+
+
+def test_parity_check_without_a_parity_section_is_refused(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d.pop("parity"))
+    assert "checks.parity needs a parity section" in _error(path)
+
+
+def test_a_package_left_out_twice_is_refused(images_copy: Path) -> None:
+    def twice(data: dict) -> None:
+        data["parity"]["left_out"].append({"reason": "again", "packages": ["vim"]})
+
+    assert "left_out names vim more than once" in _error(_mutate(images_copy, twice))
+
+
+def test_apparmor_confined_must_be_enforced(images_copy: Path) -> None:
+    def stray(data: dict) -> None:
+        data["checks"]["apparmor"]["confined"] = ["/usr/sbin/charon-systemd"]
+
+    assert "confined /usr/sbin/charon-systemd must also be listed in enforce" in _error(
+        _mutate(images_copy, stray)
+    )

@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="building and booting images needs root"),
 ]
-RUN_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 3600  # one scheduled run builds every release
 
 
 @pytest.fixture(scope="module")
@@ -121,35 +121,55 @@ def test_a_run_killed_during_the_build_leaves_nothing_behind(build_dir: Path) ->
     assert not store.exists() or not list(store.glob("ubuntu-20.04/*"))
 
 
-def test_the_next_rebuild_cleans_up_builds_certifies_and_publishes(
+RELEASES = {"ubuntu-20.04": "20.04", "ubuntu-22.04": "22.04", "ubuntu-24.04": "24.04",
+            "ubuntu-26.04": "26.04"}  # fmt: skip
+
+
+def test_the_next_rebuild_cleans_up_builds_certifies_and_publishes_every_release(
     build_dir: Path, failing_webhook: tuple[str, list[bytes]]
 ) -> None:
+    """The default schedule is every defined release on qemu: one scheduled run builds,
+    certifies and publishes each of them, from the same templates and checks."""
     url, bodies = failing_webhook
     result = inv(build_dir, "rebuild", webhook_url=url, webhook_on="always")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cleaned up after an interrupted run" in result.stderr
     assert "warning: webhook" in result.stderr and len(bodies) >= 1  # failed, run did not
     listed = json.loads(inv(build_dir, "records", "--json").stdout)
-    assert [r["state"] for r in listed] == ["published"]  # the killed build left no record
-    serial_dir = Path(listed[0]["published"])
-    assert serial_dir.parent.parent == build_dir / "store"
-    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=serial_dir, capture_output=True)
-    assert check.returncode == 0, check.stdout
+    # The killed build left no record; each release has exactly one, published.
+    assert sorted((r["image"], r["state"]) for r in listed) == [
+        (image, "published") for image in RELEASES
+    ]
     index = json.loads((build_dir / "store/streams/v1/index.json").read_text())["index"]
     [entry] = index.values()
-    stream = json.loads((build_dir / "store" / entry["path"]).read_text())
-    versions = stream["products"]["org.imagefactory:strongswan:20.04:amd64"]["versions"]
-    assert list(versions) == [serial_dir.name]
+    products = json.loads((build_dir / "store" / entry["path"]).read_text())["products"]
+    for row in listed:
+        record = records.load(Path(row["record"]))
+        cert = record.certification
+        assert cert is not None and cert.passed
+        assert {r.name: r.status for r in cert.results if r.status != "pass"} == {}, row["image"]
+        serial_dir = Path(row["published"])
+        assert serial_dir.parent.parent == build_dir / "store"
+        check = subprocess.run(
+            ["sha256sum", "-c", "SHA256SUMS"], cwd=serial_dir, capture_output=True
+        )
+        assert check.returncode == 0, check.stdout
+        product = f"org.imagefactory:strongswan:{RELEASES[row['image']]}:amd64"
+        assert list(products[product]["versions"]) == [serial_dir.name]
     report = json.loads((build_dir / "reports/rebuild-latest.json").read_text())
-    assert report["exit_code"] == 0 and report["pairs"][0]["status"] == "published"
-    assert json.loads(bodies[0])["pairs"][0]["published"] == str(serial_dir)
+    assert report["exit_code"] == 0
+    assert [p["status"] for p in report["pairs"]] == ["published"] * len(RELEASES)
+    assert {p["published"] for p in json.loads(bodies[0])["pairs"]} == {
+        r["published"] for r in listed
+    }
 
 
 def test_a_run_killed_during_the_check_leaves_no_qemu(build_dir: Path) -> None:
-    [listed] = json.loads(inv(build_dir, "records", "--json").stdout)
-    kill_when_qemu_runs(build_dir, "check", "--record", listed["record"], within=120)
+    listed = json.loads(inv(build_dir, "records", "--json").stdout)
+    [focal] = [r for r in listed if r["image"] == "ubuntu-20.04"]
+    kill_when_qemu_runs(build_dir, "check", "--record", focal["record"], within=120)
     assert wait_until_gone(build_dir, within=30) == []
-    assert records.load(Path(listed["record"])).state == "published"  # verdict untouched
+    assert records.load(Path(focal["record"])).state == "published"  # verdict untouched
 
 
 def test_an_unchanged_image_is_skipped(build_dir: Path) -> None:
@@ -159,7 +179,8 @@ def test_an_unchanged_image_is_skipped(build_dir: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cleaned up after an interrupted run" in result.stderr  # the killed check's overlay
     report = json.loads((build_dir / "reports/rebuild-latest.json").read_text())
-    [pair] = report["pairs"]
-    assert pair["status"] == "skipped" and "is current" in pair["reason"]
+    assert len(report["pairs"]) == len(RELEASES)
+    for pair in report["pairs"]:
+        assert pair["status"] == "skipped" and "is current" in pair["reason"], pair
     print(f"no-op rebuild: {elapsed:.1f} s")
     assert not list((build_dir / "artifacts").glob("*/*/*/check-*"))

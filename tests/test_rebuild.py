@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import signal
@@ -309,8 +310,38 @@ def test_matrix_prints_every_pair_for_a_ci_matrix(tmp_path: Path) -> None:
     result = run_inv("matrix", tmp=tmp_path)
     assert result.returncode == 0, result.stderr
     include = json.loads(result.stdout)["include"]
-    assert len(include) == 24 and {"image": "ubuntu-20.04", "provider": "qemu"} in include
+    assert len(include) == 4 * 8 and {"image": "ubuntu-26.04", "provider": "qemu"} in include
     assert all(set(item) == {"image", "provider"} for item in include)
+
+
+def test_the_default_schedule_is_every_release_on_qemu(tmp_path: Path) -> None:
+    result = run_inv("matrix", "--scheduled", tmp=tmp_path)
+    assert json.loads(result.stdout)["include"] == [
+        {"image": f"ubuntu-{release}", "provider": "qemu"}
+        for release in ("20.04", "22.04", "24.04", "26.04")
+    ]
+
+
+def test_image_all_and_repeated_images_select_each_release_once(settings) -> None:
+    assert matrix.image_names(settings, None) == ["ubuntu-20.04"]  # factory.default_image
+    assert matrix.image_names(settings, ["all"]) == [
+        "ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04", "ubuntu-26.04",
+    ]  # fmt: skip
+    assert matrix.image_names(settings, ["ubuntu-24.04", "ubuntu-20.04", "ubuntu-24.04"]) == [
+        "ubuntu-24.04",
+        "ubuntu-20.04",
+    ]
+    other = dataclasses.replace(settings, default_image="ubuntu-26.04")
+    assert matrix.image_names(other, None) == ["ubuntu-26.04"]
+
+
+def test_a_default_image_that_is_not_defined_is_refused(tmp_path: Path) -> None:
+    result = run_inv("pipeline", env={"INVOKE_FACTORY_DEFAULT_IMAGE": "ubuntu-18.04"}, tmp=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(
+        "error: factory.default_image: 'ubuntu-18.04' is not an image in"
+    )
+    assert "ubuntu-26.04" in result.stderr
 
 
 def test_matrix_scheduled_follows_the_schedule_setting(tmp_path: Path) -> None:

@@ -24,14 +24,32 @@ cloud-init --help | grep -q -- --all-stages || {
   echo "cloud-init $(cloud-init --version 2>&1) has no single-process mode (--all-stages)" >&2
   exit 1
 }
+if [ -e /usr/lib/systemd/system/cloud-init-main.service ] || [ -e /lib/systemd/system/cloud-init-main.service ]; then
+  # The package runs the stages in one process itself (as 26.04's does): keep it that way.
+  echo "cloud-init's package ships cloud-init-main.service: its own units stay"
+  systemctl enable cloud-init-main.service
+else
 command -v nc.openbsd >/dev/null || { echo "nc.openbsd is missing (netcat-openbsd)" >&2; exit 1; }
+socket_py=/usr/lib/python3/dist-packages/cloudinit/socket.py
+# How the stage units talk to the main process: datagrams with a return socket (24.4), or one
+# stream connection per stage (25.1 on). Anything else is a protocol this script does not know.
+if grep -q 'SOCK_STREAM' "$socket_py"; then
+  protocol=stream
+elif grep -q 'SOCK_DGRAM' "$socket_py"; then
+  protocol=datagram
+else
+  echo "$socket_py: neither the datagram nor the stream stage protocol" >&2
+  exit 1
+fi
 helper=/usr/local/lib/imagefactory/cloud-init-stage
 install -d -m 755 /usr/local/lib/imagefactory
+echo "$protocol" > /usr/local/lib/imagefactory/cloud-init-protocol
 cat > "$helper" <<'SH'
 #!/bin/sh
 # imagefactory: hand one cloud-init boot stage to the single cloud-init process
-# (cloud-init-main.service) and wait until it is done: cloud-init 24.4's datagram protocol,
-# as upstream's own stage units speak it.
+# (cloud-init-main.service) and wait until it is done, in the protocol of the installed
+# cloud-init (cloud-init-protocol: datagram for 24.4, stream from 25.1), as upstream's own
+# stage units speak it.
 #   cloud-init-stage STAGE COMMAND...   (COMMAND runs instead when the main process is not up)
 #   cloud-init-stage --verify           (apt hook: back to the package's units if the
 #                                        protocol's code changed with an upgrade)
@@ -58,14 +76,17 @@ if ! systemctl is-active --quiet cloud-init-main.service; then
   echo "cloud-init-main.service is not running: running this stage on its own" >&2
   exec "$@"
 fi
-reply=$(echo start | nc.openbsd -Uu -W1 "$share/$stage.sock" -s "$share/$stage-return.sock")
+if [ "$(cat "$dir/cloud-init-protocol")" = stream ]; then
+  reply=$(echo start | nc.openbsd -U "$share/$stage.sock")
+else
+  reply=$(echo start | nc.openbsd -Uu -W1 "$share/$stage.sock" -s "$share/$stage-return.sock")
+fi
 [ -n "$reply" ] || { echo "cloud-init did not answer for its $stage stage" >&2; exit 1; }
 # cloud-init's reply is fixed text of its own: "echo '<message>'; exit <status>;"
 exec sh -c "$reply"
 SH
 chmod 755 "$helper"
-sha256sum < /usr/lib/python3/dist-packages/cloudinit/socket.py | cut -d' ' -f1 \
-  > /usr/local/lib/imagefactory/cloud-init-socket.sha256
+sha256sum < "$socket_py" | cut -d' ' -f1 > /usr/local/lib/imagefactory/cloud-init-socket.sha256
 cat > /etc/systemd/system/cloud-init-main.service <<'UNIT'
 # imagefactory: cloud-init's single-process mode (upstream's unit for Ubuntu, cloud-init 24.4).
 [Unit]
@@ -90,7 +111,8 @@ StandardOutput=journal+console
 [Install]
 WantedBy=cloud-init.target
 UNIT
-# 20.04's unit for each stage, the stage's name in the protocol, and its own command.
+# The package's unit for each stage (20.04 to 24.04), the stage's name in the protocol, and
+# its own command.
 while read -r unit stage command; do
   install -d "/etc/systemd/system/$unit.d"
   printf '[Service]\nExecStart=\nExecStart=%s %s %s\n' "$helper" "$stage" "$command" \
@@ -105,3 +127,4 @@ echo "DPkg::Post-Invoke { \"$helper --verify || true\"; };" \
   > /etc/apt/apt.conf.d/80imagefactory-cloud-init
 systemctl daemon-reload
 systemctl enable cloud-init-main.service
+fi

@@ -12,4 +12,7 @@ dpkg-query -W > "$report/packages.manifest"
   echo "version_id=$VERSION_ID"
   echo "codename=$VERSION_CODENAME"
 } > "$report/facts"
+# What Ubuntu's own image of this release carries: its seeds, as the archive's metapackages
+# list them (Depends, Recommends), read while this build's package lists are still here.
+apt-cache show --no-all-versions ubuntu-minimal ubuntu-standard ubuntu-server > "$report/reference.control"
 tar -C "$report" -cf /var/tmp/imagefactory-report.tar .
