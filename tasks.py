@@ -91,9 +91,11 @@ def validate(c, image=None, provider=None):
     name="bench",
     help={
         "stage": "matrix (render+validate every pair), build (cold base, warm base, build) "
-        "boot (boot-to-ready: stock-like base vs the latest built image) or pipeline "
-        "(a cold pipeline in a scratch build directory, then a no-op rebuild)",
-        "image": "image for --stage build/boot/pipeline (default: factory.default_image)",
+        "boot (boot-to-ready: stock-like base vs the latest built image), pipeline "
+        "(a cold pipeline in a scratch build directory, then a no-op rebuild) or release "
+        "(per release: cold pipeline, check stage, boot ratio, qcow2 size)",
+        "image": "image for the build/boot/pipeline/release stages (default: "
+        "factory.default_image; `all` with --stage release: every image)",
         "output": "JSON lines file to append results to (default: build/bench.jsonl)",
     },
 )
@@ -101,9 +103,16 @@ def validate(c, image=None, provider=None):
 def benchmark(c, stage="matrix", image=None, output=None):
     """Benchmark a stage and record its timings and sizes (build/bench.jsonl)."""
     settings = _settings(c)
-    [image] = matrix.image_names(settings, [image] if image else None)
     log = StepLog()
     packer = _packer(settings, log)
+    if stage == "release":
+        with runs.exclusive(settings.build_dir, "inv bench --stage release", log):
+            for name in matrix.image_names(settings, [image] if image else None):
+                print(
+                    bench.release_summary(bench.release_stages(settings, packer, log, name, output))
+                )
+        return
+    [image] = _one_image(settings, image)
     if stage == "matrix":
         print(bench.summary(bench.render_and_validate(settings, packer, log, output)))
     elif stage == "build":
@@ -116,7 +125,7 @@ def benchmark(c, stage="matrix", image=None, output=None):
         print(bench.pipeline_summary(result))
     else:
         raise ConfigError(
-            f"--stage: unknown stage {stage!r} (allowed: matrix, build, boot, pipeline)"
+            f"--stage: unknown stage {stage!r} (allowed: matrix, build, boot, pipeline, release)"
         )
 
 

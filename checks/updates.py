@@ -69,13 +69,17 @@ def judge_unit(unit: str, props: dict[str, str], running: bool) -> list[str]:
     return problems
 
 
+def suites_in(print_uris: str) -> list[str]:
+    """The suites of the Release files `apt-get --print-uris update` would fetch."""
+    return sorted(set(re.findall(r"^'[^']*/dists/([^/']+)/(?:In)?Release' ", print_uris, re.M)))
+
+
 def source_suites() -> list[str] | None:
-    """The suites apt fetches binary package lists for, as apt itself parses its sources
-    (one-line .list and deb822 .sources alike); None when apt cannot say."""
-    done = run(["apt-get", "indextargets", "--format", "$(RELEASE) $(CREATED_BY)"])
-    if not done.ok:
-        return None
-    return sorted({ln.split()[0] for ln in done.stdout.splitlines() if ln.endswith(" Packages")})
+    """The suites apt's sources name, as apt itself parses them (one-line .list and deb822
+    .sources alike, Enabled: no honoured), without fetching anything; None when apt cannot
+    say."""
+    done = run(["apt-get", "-o", "Debug::NoLocking=1", "--print-uris", "update"])
+    return suites_in(done.stdout) if done.ok else None
 
 
 def check(ctx: Context) -> Result:

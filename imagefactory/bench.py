@@ -246,3 +246,83 @@ def pipeline_summary(result: dict[str, Any]) -> str:
         f"{goals['noop_rebuild_seconds']:.0f} s goal; {verdicts['noop_rebuild']}); "
         f"recorded in {result['recorded_in']}"
     )
+
+
+# Goals from the releases issue, per release on 2 cores without KVM: a cold pipeline (base
+# from the archive, build, certify, publish) within 6 min, the check stage within 60 s, the
+# certified image ready in at most 0.7x a stock-like image's time, a qcow2 within 200 MB.
+RELEASE_GOALS = {
+    "cold_pipeline_seconds": 360.0,
+    "check_stage_seconds": 60.0,
+    "boot_ratio": 0.7,
+    "qcow2_bytes": 200 * 1000 * 1000,
+}
+
+
+def release_stages(
+    settings: Settings, packer: Packer, log: StepLog, image: str, output: str | None = None
+) -> dict[str, Any]:
+    """One release end to end in a scratch build directory: a cold pipeline (base rebuilt),
+    then boot-to-ready of its stock-like base against the image just certified, same run."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from . import pipeline
+    from .records import load
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-release-", dir=settings.build_dir))
+    local = dataclasses.replace(settings, build_dir=scratch, store_dir=scratch / "store")
+    try:
+        pairs = matrix.select_pairs(local, [image], ["qemu"])
+        started = time.monotonic()
+        [outcome] = pipeline.run_pipeline(pairs, local, packer, log, refresh_base=True)
+        cold = time.monotonic() - started
+        record = load(Path(outcome.record)) if outcome.record else None
+        boot = boot_comparison(local, log, image, output=str(scratch / "boot.jsonl"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    cert = record.certification if record else None
+    timings = record.timings if record else {}
+    result = {
+        **header("release"),
+        "image": image,
+        "verdict": outcome.status,
+        "accelerator": record.provenance.accelerator if record else "",
+        "seconds": {
+            "cold_pipeline": round(cold, 1),
+            "cold_base": timings.get("prepare", 0.0),
+            "packer_build": timings.get("packer build", 0.0),
+            "certify": outcome.timings.get("certify", 0.0),
+            "check_stage": cert.boot.get("checks", 0.0) if cert else 0.0,
+            "boot_stock_like": boot["seconds"]["stock_like"]["system_ready"],
+            "boot_certified": boot["seconds"]["certified"]["system_ready"],
+        },
+        "checks": {r.name: r.duration for r in cert.results} if cert else {},
+        "boot_ratio": boot["ratio"],
+        "bytes": {"qcow2": record.size if record else 0},
+        "goals": RELEASE_GOALS,
+    }
+    result["recorded_in"] = str(record_result(settings, result, output))
+    return result
+
+
+def release_summary(result: dict[str, Any]) -> str:
+    s, goals = result["seconds"], result["goals"]
+
+    def mark(value: float, goal: float) -> str:
+        return "ok" if value <= goal else "OVER"
+
+    slowest = sorted(result["checks"].items(), key=lambda kv: -kv[1])[:3]
+    return (
+        f"{result['image']}: {result['verdict']}; cold pipeline {s['cold_pipeline']:.0f} s "
+        f"({mark(s['cold_pipeline'], goals['cold_pipeline_seconds'])}; base {s['cold_base']:.0f} s,"
+        f" packer {s['packer_build']:.0f} s, certify {s['certify']:.0f} s); check stage "
+        f"{s['check_stage']:.0f} s ({mark(s['check_stage'], goals['check_stage_seconds'])}; "
+        f"slowest {', '.join(f'{n} {d:.0f} s' for n, d in slowest)}); ready stock-like "
+        f"{s['boot_stock_like']:.0f} s, certified {s['boot_certified']:.0f} s: ratio "
+        f"{result['boot_ratio']:.2f} ({mark(result['boot_ratio'], goals['boot_ratio'])}); qcow2 "
+        f"{result['bytes']['qcow2'] / 1e6:.0f} MB "
+        f"({mark(result['bytes']['qcow2'], goals['qcow2_bytes'])}); {result['accelerator']} on "
+        f"{result['cpus']} cpus; recorded in {result['recorded_in']}"
+    )

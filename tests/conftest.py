@@ -12,30 +12,36 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import build, matrix
-from imagefactory.packer import Packer
+from imagefactory import records
 from imagefactory.records import Record
-from imagefactory.settings import REPO_ROOT, Settings, default_cache_dir
-from imagefactory.steps import StepLog
+from imagefactory.settings import REPO_ROOT, Settings
 
 INV = str(Path(sys.executable).with_name("inv"))
 
 
 @pytest.fixture(scope="session")
-def e2e_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """End-to-end runs: a session build directory, the user's real cache (base images)."""
-    return Settings(build_dir=tmp_path_factory.mktemp("build"), cache_dir=default_cache_dir())
+def e2e_settings(fleet) -> Settings:
+    """End-to-end runs: the fleet's build directory, the user's real cache (base images)."""
+    return fleet.settings
 
 
 @pytest.fixture(scope="session")
-def focal(e2e_settings: Settings) -> tuple[Path, Record]:
-    """One real build of ubuntu-20.04 on qemu for the whole session (record path, record)."""
+def fleet(tmp_path_factory: pytest.TempPathFactory):
+    """Every release built, certified and published once for the whole session, the way a
+    scheduler does it (tests/e2e.py): a first run killed mid-build, then `inv rebuild`."""
     if os.geteuid() != 0:
         pytest.skip("building images needs root")
-    [pair] = matrix.select_pairs(e2e_settings, ["ubuntu-20.04"], ["qemu"])
-    cache = str(e2e_settings.cache_dir / "packer")
-    packer = Packer(env=os.environ | {"PACKER_CACHE_DIR": cache})
-    return build.build(pair.image, pair.provider, e2e_settings, packer, StepLog())
+    from .e2e import make_fleet
+
+    return make_fleet(tmp_path_factory.mktemp("fleet") / "build")
+
+
+@pytest.fixture(scope="session")
+def focal(fleet) -> tuple[Path, Record]:
+    """The fleet's ubuntu-20.04 on qemu (record path, record): published."""
+    assert fleet.rebuild.returncode == 0, fleet.rebuild.stderr[-3000:]
+    path = fleet.record_path("ubuntu-20.04")
+    return path, records.load(path)
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from imagefactory.base import (
 from imagefactory.definitions import CloudImageBase, ImageDefinition, load_image
 from imagefactory.errors import ToolMissingError
 from imagefactory.runner import CommandError, require_tool, run
-from imagefactory.settings import REPO_ROOT, Settings
+from imagefactory.settings import REPO_ROOT, Settings, default_cache_dir
 from imagefactory.steps import StepLog
 
 IMAGE = load_image(REPO_ROOT / "images" / "ubuntu-20.04.yaml")
@@ -622,49 +622,17 @@ def test_mmdebstrap_refuses_an_archive_not_signed_by_the_keyring(tmp_path: Path,
 
 @pytest.mark.e2e
 @needs_root
-def test_build_and_boot_the_focal_base(tmp_path: Path) -> None:
-    settings = Settings(build_dir=tmp_path / "build", cache_dir=tmp_path / "cache")
+def test_the_focal_base_is_built_once_then_taken_from_the_cache(tmp_path: Path) -> None:
+    """In the user's cache, which the session's fleet (tests/e2e.py) then reuses; booting it is
+    the provider assessment's job (test_e2e_certify), which runs the checks on it."""
+    settings = Settings(build_dir=tmp_path / "build", cache_dir=default_cache_dir())
     built = build_base(IMAGE, settings, StepLog())
     again = build_base(IMAGE, settings, StepLog())
-    assert (built.from_cache, again.from_cache, again.sha256) == (False, True, built.sha256)
+    assert (again.from_cache, again.sha256, again.path) == (True, built.sha256, built.path)
     assert set(built.release_dates) == set(IMAGE.base.archive.pockets)
     info = json.loads(run(["qemu-img", "info", "--output=json", built.path], capture=True).stdout)
     assert (info["format"], info["virtual-size"]) == ("qcow2", 4 * 2**30)
-    serial = boot(built.path, tmp_path)
-    assert "root=LABEL=cloudimg-rootfs" in serial
-    assert "login:" in serial
-    assert "Datasource DataSourceNoCloud" in serial  # cloud-init found the seed and finished
-
-
-def boot(disk: Path, tmp: Path) -> str:
-    """Boot a throwaway overlay of ``disk`` with a NoCloud seed; the serial log once done."""
-    overlay, seed, log = tmp / "overlay.qcow2", tmp / "seed", tmp / "serial.log"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", disk, "-F", "qcow2", overlay])
-    seed.mkdir()
-    (seed / "meta-data").write_text("instance-id: iid-base-test\nlocal-hostname: basetest\n")
-    (seed / "user-data").write_text("#cloud-config\n{}\n")
-    iso = tmp / "seed.iso"
-    run(["xorriso", "-as", "mkisofs", "-quiet", "-output", iso, "-volid", "cidata",
-         "-joliet", "-rock", seed / "user-data", seed / "meta-data"], capture=True)  # fmt: skip
-    qemu = subprocess.Popen(
-        ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2", "-nographic",
-         "-drive", f"file={overlay},if=virtio", "-drive", f"file={iso},media=cdrom",
-         "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
-         "-serial", f"file:{log}", "-monitor", "none"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + BOOT_DEADLINE_S
-    text = ""
-    try:
-        while time.monotonic() < deadline and qemu.poll() is None:
-            text = log.read_text(errors="replace") if log.exists() else ""
-            if "login:" in text and re.search(r"Cloud-init v\. \S+ finished", text):
-                break
-            time.sleep(2)
-    finally:
-        qemu.kill()
-        qemu.wait()
-    return text
+    assert re.fullmatch(r"5\.4\.0-\d+-generic", built.kernel)
 
 
 def test_documentation_is_left_out_but_licences_stay(tmp_path: Path) -> None:

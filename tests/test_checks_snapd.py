@@ -1,10 +1,12 @@
-"""checks/snapd.py: purge and pin logic against apt output recorded in a focal guest and the
-pin stanza the build writes (tests/golden/ubuntu-20.04.20-purge.sh)."""
+"""checks/snapd.py: purge logic against apt output recorded in a focal guest; the pin proven
+with this host's real apt against the check's stand-in archive and the pin stanza the build
+writes (tests/golden/ubuntu-20.04.20-purge.sh)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,45 +41,6 @@ def test_package_state(status: str | None, state: str) -> None:
     assert snapd.package_state(status) == state
 
 
-def test_the_builds_pin_makes_every_version_negative() -> None:
-    stanzas = snapd.parse_preferences(build_pin_file())
-
-    stanza = snapd.pin_stanza("snapd", stanzas)
-    assert stanza == {"package": "snapd", "pin": "release *", "pin-priority": "-1"}
-    assert snapd.pin_stanza("snapd-xdg-open", stanzas) is None
-
-
-@pytest.mark.parametrize(
-    ("text", "pinned"),
-    [
-        ("Package: snapd\nPin: version *\nPin-Priority: -10\n", True),
-        ("Package: snap*\nPin: origin *\nPin-Priority: -1\n", True),
-        ("Package: /^snap/\nPin: release a=*\nPin-Priority: -1\n", True),
-        ("Package: lxd snapd\nPin: release *\nPin-Priority: -1\n", True),
-        ("Package: snapd\nPin: release a=focal-updates\nPin-Priority: -1\n", False),
-        ("Package: snapd\nPin: release *\nPin-Priority: 100\n", False),
-        ("Package: snapd\nPin: release *\n", False),
-        ("# Package: snapd\n# Pin: release *\n# Pin-Priority: -1\n", False),
-        ("Package: *\nPin: release *\nPin-Priority: 500\n\n"
-         "Package: snapd\nPin: release *\nPin-Priority: -1\n", True),
-    ],
-)  # fmt: skip
-def test_pin_stanzas(text: str, pinned: bool) -> None:
-    assert (snapd.pin_stanza("snapd", snapd.parse_preferences(text)) is not None) is pinned
-
-
-def test_preference_files_apt_reads(tmp_path: Path) -> None:
-    (tmp_path / "preferences").write_text("")
-    parts = tmp_path / "preferences.d"
-    parts.mkdir()
-    for name in ("imagefactory-pin-away", "x.pref", "y.conf", "z.pref.bak", "bad~name"):
-        (parts / name).write_text("")
-
-    names = [p.name for p in snapd.preference_files(str(tmp_path))]
-
-    assert names == ["preferences", "imagefactory-pin-away", "x.pref"]
-
-
 @pytest.mark.parametrize(
     ("recording", "candidate", "known"),
     [
@@ -100,36 +63,79 @@ def test_the_recorded_pinned_install_fails_for_the_pin() -> None:
     assert "E: Package 'snapd' has no installation candidate" in recorded
 
 
-def test_update_error_names_the_unreachable_archive() -> None:
-    stderr = (FOCAL / "apt-update-unreachable.stderr").read_text()
-
-    reason = snapd.update_error(stderr, 0)
-
-    assert reason.startswith("W: Failed to fetch http://archive.ubuntu.com/ubuntu/dists/focal/")
-    assert "Could not connect" in reason
-    assert snapd.update_error("", 100) == "apt-get update exited 100 without fetching lists"
-
-
-def test_private_apt_keeps_state_and_hooks_private(tmp_path: Path) -> None:
+def stand_in(tmp_path: Path, preferences: str | None) -> object:
+    """The check's private apt on this host, with ``preferences`` as the image's pin file."""
     etc = tmp_path / "etc-apt"
-    (etc / "apt.conf.d").mkdir(parents=True)
+    (etc / "preferences.d").mkdir(parents=True)
+    (etc / "apt.conf.d").mkdir()
     (etc / "apt.conf.d" / "15update-stamp").write_text(
         'APT::Update::Post-Invoke-Success {"touch /var/lib/apt/periodic/update-success-stamp";};'
     )
+    if preferences is not None:
+        (etc / "preferences.d" / "imagefactory-pin-away").write_text(preferences)
     work = tmp_path / "work"
     work.mkdir()
+    return snapd.StandInArchive(work, "focal", "20.04", "amd64", etc=str(etc))
 
-    apt = snapd.PrivateApt(work, etc=str(etc))
 
+needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt")
+
+
+@needs_apt
+def test_apt_refuses_the_stand_in_under_the_builds_pin(tmp_path: Path) -> None:
+    problems, data = snapd.check_pins(["snapd"], stand_in(tmp_path, build_pin_file()))
+    assert problems == []
+    assert data["snapd"]["candidate"] is None and data["snapd"]["apt_install_exit"] != 0
+
+
+@needs_apt
+def test_without_the_pin_apt_would_install_it(tmp_path: Path) -> None:
+    problems, _ = snapd.check_pins(["snapd"], stand_in(tmp_path, None))
+    newest = snapd.STAND_IN_VERSION.format(n=len(snapd.POCKETS) - 1)
+    assert problems == [f"apt does not refuse snapd (it would install {newest})"]
+
+
+@needs_apt
+@pytest.mark.parametrize(
+    ("pin", "refused"),
+    [
+        ("Package: snapd\nPin: version *\nPin-Priority: -10\n", True),
+        ("Package: snap*\nPin: origin *\nPin-Priority: -1\n", True),
+        ("Package: /^snap/\nPin: release a=*\nPin-Priority: -1\n", True),
+        ("Package: lxd snapd\nPin: release *\nPin-Priority: -1\n", True),
+        ("Package: *\nPin: release *\nPin-Priority: 500\n\n"
+         "Package: snapd\nPin: release *\nPin-Priority: -1\n", True),
+        ("Package: snapd\nPin: release a=focal-updates\nPin-Priority: -1\n", False),
+        ("Package: snapd\nPin: version 2.*\nPin-Priority: -1\n", False),
+        ("Package: snapd\nPin: release *\nPin-Priority: 100\n", False),
+        ("# Package: snapd\n# Pin: release *\n# Pin-Priority: -1\n", False),
+    ],
+)  # fmt: skip
+def test_apt_itself_judges_each_pin(tmp_path: Path, pin: str, refused: bool) -> None:
+    """Real apt on this host, against the stand-in: narrower pins leave a snapd through."""
+    problems, _ = snapd.check_pins(["snapd"], stand_in(tmp_path, pin))
+    if refused:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith("apt does not refuse snapd")
+
+
+@needs_apt
+def test_the_stand_in_keeps_apt_state_and_hooks_private(tmp_path: Path) -> None:
+    apt = stand_in(tmp_path, build_pin_file())
+    snapd.check_pins(["snapd"], apt)
     parts = apt.root / "apt.conf.d"
-    assert (parts / "15update-stamp").resolve() == etc / "apt.conf.d" / "15update-stamp"
-    last = sorted(p.name for p in parts.iterdir())[-1]
-    config = (parts / last).read_text()
+    config = (parts / sorted(p.name for p in parts.iterdir())[-1]).read_text()
     assert f'Dir::State::Lists "{apt.root}/lists";' in config
-    assert f'Dir::Cache "{apt.root}/cache";' in config
     assert "#clear APT::Update::Post-Invoke-Success;" in config
-    assert (apt.root / "apt.conf").read_text() == f'Dir::Etc::Parts "{parts}";\n'
-    assert oct(os.stat(work).st_mode & 0o777) == "0o711"  # apt's _apt user can reach lists/
+    # Every pocket of the release is offered, with Ubuntu's release fields.
+    sources = (apt.root / "sources.list").read_text().splitlines()
+    assert [line.split()[3] for line in sources] == [
+        "focal", "focal-updates", "focal-security", "focal-backports", "focal-proposed",
+    ]  # fmt: skip
+    release = (apt.root / "repo/dists/focal-security/Release").read_text()
+    assert "Origin: Ubuntu\nLabel: Ubuntu\nSuite: focal-security\nVersion: 20.04\n" in release
+    assert oct(os.stat(apt.root.parent).st_mode & 0o777) == "0o711"
 
 
 def test_nothing_expected_is_a_skip(tmp_path: Path) -> None:

@@ -109,3 +109,14 @@ def test_render_writes_only_under_the_build_dir(tmp_path: Path) -> None:
         "80-report.sh",
         "90-cleanup.sh",
     ]  # fmt: skip
+
+
+def test_a_single_image_task_refuses_all(tmp_path: Path) -> None:
+    result = run_inv("build", "--image", "all", tmp=tmp_path)
+    assert_refused(result, 2, "--image: this task takes one image, not all", tmp=tmp_path)
+
+
+def test_an_unknown_bench_stage_names_the_stages(tmp_path: Path) -> None:
+    result = run_inv("bench", "--stage", "warp", tmp=tmp_path)
+    assert result.returncode == 2
+    assert "allowed: matrix, build, boot, pipeline, release" in result.stderr
