@@ -640,3 +640,29 @@ def test_documentation_is_left_out_but_licences_stay(tmp_path: Path) -> None:
     exclude = argv.index("--dpkgopt=path-exclude=/usr/share/doc/*")
     include = argv.index("--dpkgopt=path-include=/usr/share/doc/*/copyright")
     assert exclude < include, "dpkg applies filters in order: the include must come last"
+
+
+# --- the disk's driver at boot, on every release ----------------------------------------------
+
+KMOD = REPO_ROOT / "tests" / "data" / "kmod"
+
+
+def test_a_compressed_driver_in_the_initramfs_counts() -> None:
+    # 24.04 (6.8): virtio_blk is a zstd-compressed module, as lsinitramfs lists it.
+    listing = "usr/lib/modules/6.8.0-151-generic/kernel/drivers/block/virtio_blk.ko.zst\n"
+    assert base.drivers_missing_at_boot(listing, "", ["virtio_blk"]) == []
+    assert base.drivers_missing_at_boot("kernel/drivers/block/virtio-blk.ko.xz\n", "",
+                                        ["virtio_blk"]) == []  # fmt: skip
+
+
+def test_a_built_in_driver_counts_without_the_initramfs() -> None:
+    # 26.04 (7.0), as recorded: virtio_blk is built in, so no initramfs lists it.
+    builtin = (KMOD / "7.0.0-44-generic" / "modules.builtin").read_text()
+    assert base.drivers_missing_at_boot("", builtin, ["virtio_blk"]) == []
+
+
+def test_a_driver_neither_built_in_nor_in_the_initramfs_is_missing() -> None:
+    # 20.04 (5.4), as recorded: a module, so it must be in the initramfs.
+    builtin = (KMOD / "5.4.0-216-generic" / "modules.builtin").read_text()
+    listing = "lib/modules/5.4.0-216-generic/kernel/drivers/net/virtio_net.ko\n"
+    assert base.drivers_missing_at_boot(listing, builtin, ["virtio_blk"]) == ["virtio_blk"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .guest import guest_module
 
 apparmor = guest_module("apparmor")
@@ -43,3 +45,10 @@ def test_the_daemon_must_run_under_its_profile_in_enforce_mode() -> None:
         f"{name} (pid 812) runs as 'unconfined', not under its profile in enforce mode",
         f"{name} (pid 900) runs as '{name} (complain)', not under its profile in enforce mode",
     ]
+
+
+def test_a_recorded_26_04_guest_enforces_strongswans_profiles() -> None:
+    recorded = Path(__file__).parent / "data" / "resolute" / "apparmor-profiles"
+    loaded = apparmor.parse_profiles(recorded.read_text())
+    assert len(loaded) > 100  # 26.04's apparmor ships profiles for many desktop programs
+    assert apparmor.judge_profiles(loaded, ENFORCE) == []

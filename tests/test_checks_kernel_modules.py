@@ -19,6 +19,7 @@ km = guest_module("kernel_modules")
 DATA = ROOT / "tests" / "data" / "kmod"
 GENERIC = DATA / "5.4.0-216-generic"
 KVM = DATA / "5.4.0-1133-kvm"
+RESOLUTE = DATA / "7.0.0-44-generic"  # 26.04: zstd-compressed modules, more built in
 SPEC = yaml.safe_load((ROOT / "images" / "ubuntu-20.04.yaml").read_text())["checks"]
 REQUIRED = SPEC["kernel_modules"]["required"]
 OPTIONAL = SPEC["kernel_modules"]["optional"]
@@ -88,6 +89,20 @@ def test_generic_kernel_has_every_capability() -> None:
     assert "all 16 required capabilities available" in outcome.detail
 
 
+def test_the_26_04_kernel_with_compressed_modules_has_every_capability() -> None:
+    assert ".ko.zst" in (RESOLUTE / "modules.dep").read_text()
+    facts = facts_for(RESOLUTE)
+    assert {"esp4", "af_key", "xfrm_user"} <= facts.modules  # names, whatever the compression
+    outcome = km.assess(REQUIRED, OPTIONAL, facts, recorded_probe(RESOLUTE / "show-depends.json"))
+
+    assert outcome.ok, outcome.detail
+    required = outcome.data["required"]
+    assert required["esp4"]["module"] == "esp4" and required["af_key"]["module"] == "af_key"
+    assert required["esp4"]["status"] in (km.LOADABLE, km.LOADED)
+    assert required["af_key"]["status"] in (km.LOADABLE, km.LOADED)  # still a module in 7.0
+    assert outcome.data["optional_missing"] == []
+
+
 def test_kvm_kernel_has_the_essentials_but_not_the_extras() -> None:
     facts = facts_for(KVM)
     outcome = km.assess(REQUIRED, OPTIONAL, facts, recorded_probe(KVM / "show-depends.json"))
@@ -105,7 +120,7 @@ def test_kvm_kernel_has_the_essentials_but_not_the_extras() -> None:
     assert "not found" in outcome.data["optional"]["ip_vti"]["reasons"][0]
 
 
-@pytest.mark.parametrize("kernel", [GENERIC, KVM], ids=["generic", "kvm"])
+@pytest.mark.parametrize("kernel", [GENERIC, KVM, RESOLUTE], ids=["generic", "kvm", "7.0"])
 def test_stale_strongswan_names_do_not_fail(kernel: Path) -> None:
     outcome = km.assess(STALE, [], facts_for(kernel), recorded_probe(kernel / "show-depends.json"))
 

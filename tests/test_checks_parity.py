@@ -88,3 +88,19 @@ def test_each_definition_leaves_out_only_what_it_explains() -> None:
         reasons = image.parity.reasons()
         installed = set(image.packages.install) | set(image.base.archive.packages)
         assert not installed & set(reasons), f"{path.name}: installs what it says it leaves out"
+
+
+def test_a_recorded_26_04_guest_carries_or_explains_every_seed() -> None:
+    """The first 26.04 build here, against resolute's seeds as the archive lists them: the
+    definition's left_out explains everything Ubuntu's image has and this one does not."""
+    resolute = load_image(REPO_ROOT / "images" / "ubuntu-26.04.yaml")
+    data = REPO_ROOT / "tests/data/resolute"
+    installed = guest.installed_names((data / "dpkg-query.parity").read_text())
+    assert {"apparmor", "unattended-upgrades", "python3-apt", "rsyslog", "chrony"} <= installed
+    assert "time-daemon" in installed  # chrony Provides it
+    reference = parity.reference_for(resolute, (data / "reference.control").read_text())
+    expect = parity.expectations(resolute, reference)
+    assert expect is not None and len(expect["reference"]) > 100
+    unexplained, explained = guest.judge(expect["reference"], installed, expect["left_out"])
+    assert unexplained == []
+    assert explained["snapd"] == "purged from the image (packages.purge)"

@@ -3,9 +3,12 @@ systemd's own output formats."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .guest import guest_module
 
 updates = guest_module("updates")
+checklib = guest_module("checklib")
 
 # `apt-config dump` of a jammy image with unattended-upgrades (abridged).
 DUMP = """\
@@ -74,3 +77,27 @@ def test_timers_need_enabling_and_the_clock_daemon_must_run() -> None:
     assert updates.judge_unit("chrony.service", timer, running=True) == [
         "chrony.service is active/waiting"
     ]
+
+
+RESOLUTE = Path(__file__).parent / "data" / "resolute"
+
+
+def test_a_recorded_26_04_guest_gets_security_updates() -> None:
+    config = updates.parse_apt_config((RESOLUTE / "apt-config-dump").read_text())
+    assert updates.judge_periodic(config) == []
+    assert updates.security_origins(config, "Ubuntu", "resolute") == [
+        "${distro_id}:${distro_codename}-security"
+    ]
+    # deb822 sources (ubuntu.sources), as apt itself read them: the security pocket is there.
+    suites = updates.suites_in((RESOLUTE / "apt-print-uris").read_text())
+    assert suites == [
+        "resolute", "resolute-backports", "resolute-security", "resolute-updates",
+    ]  # fmt: skip
+
+
+def test_recorded_timers_and_chrony_pass() -> None:
+    shown = (RESOLUTE / "systemctl-show.updates").read_text().split("\n\n")
+    timers, chrony = [checklib.parse_show(text) for text in shown[:2]], shown[2]
+    for unit, props in zip(updates.TIMERS, timers, strict=True):
+        assert updates.judge_unit(unit, props, running=False) == []
+    assert updates.judge_unit("chrony.service", checklib.parse_show(chrony), running=True) == []
