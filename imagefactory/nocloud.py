@@ -27,6 +27,10 @@ def ephemeral_key(directory: Path, comment: str) -> KeyPair:
     return KeyPair(private=private, public_text=private.with_suffix(".pub").read_text().strip())
 
 
+APT_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer", "apt-daily.service",
+              "apt-daily-upgrade.service")  # fmt: skip
+
+
 def build_user_data(public_key: str) -> dict:
     """Lets exactly ``public_key`` in, as root, and creates no user.
 
@@ -40,6 +44,10 @@ def build_user_data(public_key: str) -> dict:
         "ssh_authorized_keys": [public_key],
         # The archive-built base already has the right sources; don't let the build boot rewrite.
         "apt": {"preserve_sources_list": True},
+        # apt's daily timers have never run on a fresh image, so they fire at its first boot
+        # and hold the dpkg lock for minutes under TCG (an update and unattended-upgrade).
+        # Masked for this boot only (in /run): the image keeps them, the build runs its own.
+        "bootcmd": [" ".join(["systemctl", "mask", "--runtime", "--now", *APT_TIMERS])],
     }
 
 

@@ -41,8 +41,10 @@ if [ -n "${BUILD_USER:-}" ] && [ "$BUILD_USER" != root ] && id "$BUILD_USER" >/d
   userdel --force --remove "$BUILD_USER" 2>/dev/null || userdel --force "$BUILD_USER"
 fi
 
-# Zeroed free space compresses to nothing in the captured image.
-fstrim -av >/dev/null 2>&1 || true
-dd if=/dev/zero of=/var/tmp/zero bs=1M status=none 2>/dev/null || true
-rm -f /var/tmp/zero
+# Freed blocks must not be captured: trimmed where the disk passes discards through (qemu,
+# most clouds), otherwise zeroed, which compresses to nothing.
+if ! fstrim / >/dev/null 2>&1; then  # explicit: -a skips disks without discard
+  dd if=/dev/zero of=/var/tmp/zero bs=1M status=none 2>/dev/null || true
+  rm -f /var/tmp/zero
+fi
 sync

@@ -63,6 +63,9 @@ source "qemu" "image" {
   disk_size        = "4G"
   format           = "qcow2"
   disk_interface   = "virtio"
+  # fstrim in the guest frees blocks in the qcow2 itself, and zeros written become holes.
+  disk_discard       = "unmap"
+  disk_detect_zeroes = "unmap"
   net_device       = "virtio-net"
   accelerator      = var.accelerator
   headless         = true
