@@ -20,6 +20,14 @@ DATA = ROOT / "tests" / "data" / "kmod"
 GENERIC = DATA / "5.4.0-216-generic"
 KVM = DATA / "5.4.0-1133-kvm"
 RESOLUTE = DATA / "7.0.0-44-generic"  # 26.04: zstd-compressed modules, more built in
+# Each release's generic kernel (linux-image-virtual): booted (5.4, 7.0) or from its unpacked
+# linux-modules package after depmod -b (5.15, 6.8; nothing loaded).
+RELEASE_KERNELS = {
+    "20.04": DATA / "5.4.0-216-generic",
+    "22.04": DATA / "5.15.0-204-generic",
+    "24.04": DATA / "6.8.0-151-generic",
+    "26.04": RESOLUTE,
+}
 SPEC = yaml.safe_load((ROOT / "images" / "ubuntu-20.04.yaml").read_text())["checks"]
 REQUIRED = SPEC["kernel_modules"]["required"]
 OPTIONAL = SPEC["kernel_modules"]["optional"]
@@ -101,6 +109,18 @@ def test_the_26_04_kernel_with_compressed_modules_has_every_capability() -> None
     assert required["esp4"]["status"] in (km.LOADABLE, km.LOADED)
     assert required["af_key"]["status"] in (km.LOADABLE, km.LOADED)  # still a module in 7.0
     assert outcome.data["optional_missing"] == []
+
+
+@pytest.mark.parametrize("release", list(RELEASE_KERNELS))
+def test_every_releases_kernel_has_what_its_definition_requires(release: str) -> None:
+    kernel = RELEASE_KERNELS[release]
+    spec = yaml.safe_load((ROOT / "images" / f"ubuntu-{release}.yaml").read_text())["checks"]
+    required, optional = spec["kernel_modules"]["required"], spec["kernel_modules"]["optional"]
+    facts = facts_for(kernel)
+    outcome = km.assess(required, optional, facts, recorded_probe(kernel / "show-depends.json"))
+    assert outcome.ok, outcome.detail
+    assert outcome.data["required"]["af_key"]["status"] != km.MISSING
+    print(f"{release}: {outcome.detail}")
 
 
 def test_kvm_kernel_has_the_essentials_but_not_the_extras() -> None:
