@@ -4,7 +4,9 @@
   cloud-init failed has no key, hostname or network configuration from its cloud;
 - the modules the definition skips did not run, and the units it masks are masked;
 - when the image boots cloud-init in one process (boot.cloud_init_single_process), this boot
-  did: cloud-init-main.service ran all four stages and ended successfully.
+  did: cloud-init-main.service ran all four stages and ended successfully;
+- no unit failed at this boot (a cloud-init stage unit that lost its answer from the single
+  process, say: cloud-init itself may still have done everything).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def judge_single_process(main_output: str, main: dict[str, str]) -> list[str]:
     return problems
 
 
+def failed_units(listing: str) -> list[str]:
+    """`systemctl list-units --state=failed --plain --no-legend` -> the failed unit names."""
+    return [line.split()[0].lstrip("●*") for line in listing.splitlines() if line.split()]
+
+
 def _masked(units: list[str]) -> list[str]:
     problems = []
     for unit in units:
@@ -96,6 +103,11 @@ def check(ctx: Context) -> Result:
     if single:
         journal = run(["journalctl", "--boot", "--output=cat", f"--unit={MAIN_UNIT}"]).stdout
         problems += judge_single_process(journal, unit_properties(MAIN_UNIT, MAIN_PROPERTIES))
+    failed = failed_units(
+        run(["systemctl", "list-units", "--state=failed", "--plain", "--no-legend"]).stdout
+    )
+    if failed:
+        problems.append(f"units failed at this boot: {', '.join(failed)}")
     recoverable = status.get("recoverable_errors") or {}
     data = {
         "status": status.get("extended_status") or status.get("status"),
@@ -103,6 +115,7 @@ def check(ctx: Context) -> Result:
         "recoverable_errors": {k: len(v) for k, v in recoverable.items()},
         "modules_run": len(modules_run(log_text)),
         "single_process": single,
+        "failed_units": failed,
     }
     if problems:
         return failed("; ".join(problems), **data)

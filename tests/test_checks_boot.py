@@ -77,3 +77,13 @@ def test_a_stage_that_never_ran_is_named() -> None:
     lines = [line for line in JOURNAL.splitlines() if "'modules:final'" not in line]
     [problem] = boot.judge_single_process("\n".join(lines), MAIN)
     assert "ran stages ['init-local', 'init', 'modules:config']" in problem
+
+
+def test_failed_units_are_named() -> None:
+    # What 22.04's first certification here saw: the stage units lost cloud-init's answer.
+    listing = (
+        "cloud-init-local.service loaded failed failed Cloud-init: Local Stage (pre-network)\n"
+        "cloud-init.service       loaded failed failed Cloud-init: Network Stage\n"
+    )
+    assert boot.failed_units(listing) == ["cloud-init-local.service", "cloud-init.service"]
+    assert boot.failed_units("") == []

@@ -61,7 +61,7 @@ def fake_tools(bin_dir: Path, main_active: bool, reply: str) -> None:
     bin_dir.mkdir(exist_ok=True)
     tools = {
         "systemctl": f"#!/bin/sh\nexit {0 if main_active else 3}\n",
-        "nc.openbsd": f'#!/bin/sh\necho "$@" > "{bin_dir}/nc.args"\ncat >/dev/null\n'
+        "nc.openbsd": f'#!/bin/sh\necho "$@" > "{bin_dir}/nc.args"\ncat > "{bin_dir}/nc.stdin"\n'
         f"printf '%s' \"{reply}\"\n",
     }
     for name, text in tools.items():
@@ -118,6 +118,9 @@ def test_from_cloud_init_25_a_stage_is_one_stream_connection(root: Path) -> None
     assert done.returncode == 0 and done.stdout == "Completed stage network\n"
     args = (root / "bin/nc.args").read_text().split()
     assert args == ["-U", f"{root}/run/cloud-init/share/network.sock"]
+    # Exactly what cloud-init reads: an unread newline turns its close into a reset, and
+    # 22.04's nc then drops the answer (seen on the first 22.04 certification here).
+    assert (root / "bin/nc.stdin").read_bytes() == b"start"
 
 
 def test_the_main_process_exit_status_becomes_the_units(root: Path) -> None:

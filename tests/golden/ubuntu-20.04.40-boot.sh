@@ -77,7 +77,9 @@ if ! systemctl is-active --quiet cloud-init-main.service; then
   exec "$@"
 fi
 if [ "$(cat "$dir/cloud-init-protocol")" = stream ]; then
-  reply=$(echo start | nc.openbsd -U "$share/$stage.sock")
+  # Exactly the five bytes cloud-init reads: a byte left unread makes its close a reset, and
+  # 22.04's and 24.04's nc then drop the answer that came before it.
+  reply=$(printf start | nc.openbsd -U "$share/$stage.sock")
 else
   reply=$(echo start | nc.openbsd -Uu -W1 "$share/$stage.sock" -s "$share/$stage-return.sock")
 fi
