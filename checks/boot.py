@@ -103,11 +103,11 @@ def check(ctx: Context) -> Result:
     if single:
         journal = run(["journalctl", "--boot", "--output=cat", f"--unit={MAIN_UNIT}"]).stdout
         problems += judge_single_process(journal, unit_properties(MAIN_UNIT, MAIN_PROPERTIES))
-    failed = failed_units(
+    broken = failed_units(
         run(["systemctl", "list-units", "--state=failed", "--plain", "--no-legend"]).stdout
     )
-    if failed:
-        problems.append(f"units failed at this boot: {', '.join(failed)}")
+    if broken:
+        problems.append(f"units failed at this boot: {', '.join(broken)}")
     recoverable = status.get("recoverable_errors") or {}
     data = {
         "status": status.get("extended_status") or status.get("status"),
@@ -115,7 +115,7 @@ def check(ctx: Context) -> Result:
         "recoverable_errors": {k: len(v) for k, v in recoverable.items()},
         "modules_run": len(modules_run(log_text)),
         "single_process": single,
-        "failed_units": failed,
+        "failed_units": broken,
     }
     if problems:
         return failed("; ".join(problems), **data)
