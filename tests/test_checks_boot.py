@@ -87,3 +87,37 @@ def test_failed_units_are_named() -> None:
     )
     assert boot.failed_units(listing) == ["cloud-init-local.service", "cloud-init.service"]
     assert boot.failed_units("") == []
+
+
+checklib = guest_module("checklib")
+
+
+def run_check(monkeypatch, tmp_path: Path, failed_listing: str):
+    """boot.check() on the recorded focal boot, with the guest's commands answered from it."""
+    answers = {
+        "cloud-init": json.dumps(STATUS),
+        "journalctl": JOURNAL,
+        "systemctl list-units": failed_listing,
+        "systemctl is-enabled": "masked\n",
+    }
+
+    def fake_run(argv, **_kwargs):
+        key = next(k for k in answers if " ".join(argv).startswith(k))
+        return checklib.Completed(argv, 0, answers[key], "")
+
+    monkeypatch.setattr(boot, "run", fake_run)
+    monkeypatch.setattr(boot, "read_text", lambda path, default=None: LOG)
+    monkeypatch.setattr(boot, "unit_properties", lambda unit, props: MAIN)
+    expect = {"boot": {"skip_cloud_init_modules": ["byobu"], "mask_units": ["ondemand.service"],
+                       "cloud_init_single_process": True}}  # fmt: skip
+    return boot.check(checklib.Context(expect, tmp_path))
+
+
+def test_the_whole_check_passes_a_clean_boot_and_names_a_failed_unit(monkeypatch, tmp_path):
+    assert run_check(monkeypatch, tmp_path, "").status == "pass"
+    result = run_check(
+        monkeypatch, tmp_path, "cloud-init.service loaded failed failed Cloud-init: Network\n"
+    )
+    assert result.status == "fail"
+    assert "units failed at this boot: cloud-init.service" in result.detail
+    assert result.data["failed_units"] == ["cloud-init.service"]
