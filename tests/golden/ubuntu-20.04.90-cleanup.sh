@@ -32,6 +32,9 @@ rm -rf /var/lib/cloud/instances /var/lib/cloud/instance
 mkdir -p /run/systemd/journald.conf.d
 printf '[Journal]\nStorage=volatile\n' > /run/systemd/journald.conf.d/imagefactory-capture.conf
 systemctl restart systemd-journald
+# rsyslog would go on writing this build's logins and shutdown into /var/log (auth.log,
+# syslog) after they are emptied: stopped for the rest of this boot (it starts again at the next).
+systemctl stop rsyslog.service syslog.socket >/dev/null 2>&1 || true
 rm -rf /var/log/journal/*/
 find /var/log -type f -exec truncate -s 0 {} +
 rm -rf /tmp/* /var/tmp/* /root/.bash_history /home/*/.bash_history
