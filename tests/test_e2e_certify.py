@@ -86,9 +86,9 @@ def _wrong_release(root: Path) -> None:
     # /etc/os-release is a relative symlink to ../usr/lib/os-release on Ubuntu.
     link = root / "etc/os-release"
     target = root / "usr/lib/os-release" if link.is_symlink() else link
-    text = target.read_text()
-    text = text.replace('VERSION_ID="20.04"', 'VERSION_ID="20.10"')
-    target.write_text(text.replace("VERSION_CODENAME=focal", "VERSION_CODENAME=groovy"))
+    # The version only: with the codename too, cloud-init would write groovy's apt sources
+    # and updates would rightly fail as well.
+    target.write_text(target.read_text().replace('VERSION_ID="20.04"', 'VERSION_ID="20.10"'))
 
 
 def _cloud_init_in_four_processes(root: Path) -> None:
@@ -120,35 +120,41 @@ FAULTS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "strongswan-starter disabled": (_strongswan_starter_disabled, ("strongswan_service",)),
     "af_key not loaded at boot": (_af_key_not_loaded_at_boot, ("strongswan_service",)),
     "leftover authorized key": (_leftover_authorized_key, ("hygiene",)),
-    # cloud-init writes the apt sources for the release os-release names: updates sees groovy.
-    "wrong release": (_wrong_release, ("release", "updates")),
+    "wrong release": (_wrong_release, ("release",)),
     "cloud-init in four processes": (_cloud_init_in_four_processes, ("boot",)),
     "strongSwan profiles in complain mode": (strongswan_profiles_in_complain_mode, ("apparmor",)),
     "unattended-upgrades switched off": (unattended_upgrades_switched_off, ("updates",)),
 }
+# Two boots hold every fault: one of focal, one of noble (the new checks' faults on a second
+# release, tests/test_e2e_pipeline.py).
 BOOTS = {
-    "one": ["required module unloadable", "snapd reinstalled", "af_key not loaded at boot",
-            "leftover authorized key", "wrong release"],
-    "two": ["strongswan-starter disabled", "cloud-init in four processes",
-            "strongSwan profiles in complain mode", "unattended-upgrades switched off"],
+    "ubuntu-20.04": ["required module unloadable", "snapd reinstalled", "wrong release",
+                     "leftover authorized key", "strongswan-starter disabled",
+                     "cloud-init in four processes", "strongSwan profiles in complain mode",
+                     "unattended-upgrades switched off"],
+    "ubuntu-24.04": ["strongSwan profiles in complain mode", "unattended-upgrades switched off",
+                     "af_key not loaded at boot"],
 }  # fmt: skip
 
 
+def expected_failures(faults: list[str]) -> list[str]:
+    return sorted(check for f in faults for check in FAULTS[f][1])
+
+
 def test_every_fault_has_a_boot() -> None:
-    assert sorted(f for faults in BOOTS.values() for f in faults) == sorted(FAULTS)
+    assert {f for faults in BOOTS.values() for f in faults} == set(FAULTS)
     for faults in BOOTS.values():
         catchers = [check for f in faults for check in FAULTS[f][1]]
         assert len(set(catchers)) == len(catchers), "one fault per check and boot"
 
 
-@pytest.mark.parametrize("boot", list(BOOTS))
 def test_broken_variants_fail_exactly_their_checks(
-    boot: str, focal: tuple[Path, Record], e2e_settings: Settings
+    focal: tuple[Path, Record], e2e_settings: Settings
 ) -> None:
-    faults = BOOTS[boot]
+    faults = BOOTS["ubuntu-20.04"]
     record = certify_variant(focal[1], [FAULTS[f][0] for f in faults], e2e_settings, FOCAL)
     assert record.state == "rejected"
-    assert failed_checks(record) == sorted(check for f in faults for check in FAULTS[f][1])
+    assert failed_checks(record) == expected_failures(faults)
 
 
 def test_provider_assessment_of_a_stock_vm_over_ssh(e2e_settings: Settings, tmp_path: Path) -> None:

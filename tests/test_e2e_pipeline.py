@@ -25,7 +25,7 @@ from .e2e import (
     kill_when_qemu_runs,
     wait_until_gone,
 )
-from .test_e2e_certify import strongswan_profiles_in_complain_mode, unattended_upgrades_switched_off
+from .test_e2e_certify import BOOTS, FAULTS, expected_failures
 
 pytestmark = [
     pytest.mark.e2e,
@@ -76,14 +76,16 @@ def test_the_next_rebuild_cleans_up_builds_certifies_and_publishes_every_release
     assert {p["published"] for p in posted} == {r["published"] for r in fleet.listed}
 
 
-def test_on_24_04_complain_mode_and_switched_off_updates_fail_their_checks(fleet: Fleet) -> None:
-    """The new checks' faults on a second release (one boot for both: each fails only its own
-    check, so neither hides behind the other)."""
-    faults = [strongswan_profiles_in_complain_mode, unattended_upgrades_switched_off]
+def test_on_24_04_complain_mode_switched_off_updates_and_no_af_key_fail_their_checks(
+    fleet: Fleet,
+) -> None:
+    """The new checks' faults on a second release, in one boot: each fails only its own check."""
+    faults = BOOTS["ubuntu-24.04"]
     noble = fleet.record("ubuntu-24.04")
-    record = certify_variant(noble, faults, fleet.settings, image_definition("ubuntu-24.04"))
+    changes = [FAULTS[f][0] for f in faults]
+    record = certify_variant(noble, changes, fleet.settings, image_definition("ubuntu-24.04"))
     assert record.state == "rejected"
-    assert failed_checks(record) == ["apparmor", "updates"]
+    assert failed_checks(record) == expected_failures(faults)
     assert fleet.record("ubuntu-24.04").state == "published"  # the original is untouched
 
 
