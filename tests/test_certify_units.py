@@ -37,6 +37,21 @@ def test_full_profile_expectations_come_from_the_image_and_provider() -> None:
     assert len(expect["checks_version"]) == 64
 
 
+def test_release_expectations_for_the_new_checks() -> None:
+    resolute = load_image(REPO_ROOT / "images" / "ubuntu-26.04.yaml")
+    reference = {"ubuntu-minimal": ["chrony|time-daemon", "rsyslog"], "ubuntu-server": ["lvm2"]}
+    expect = expectations(CHECKS, [], resolute, "qemu", resolute, parity_reference=reference)
+    assert expect["checks"][-4:] == ["apparmor", "updates", "parity", "hygiene"]
+    assert expect["apparmor"]["enforce"] == [
+        "/usr/lib/ipsec/charon", "/usr/lib/ipsec/stroke", "/usr/lib/ipsec/lookip",
+    ]  # fmt: skip
+    assert expect["updates"] == {"time_sync": "chrony"}
+    assert expect["parity"]["reference"] == ["chrony|time-daemon", "lvm2", "rsyslog"]
+    assert expect["parity"]["left_out"]["lvm2"].startswith("storage")
+    # A build that recorded no reference (an older record): nothing to hold the image to.
+    assert expectations(CHECKS, [], resolute, "qemu", resolute)["parity"] is None
+
+
 def test_assessment_profile_has_no_image_expectations() -> None:
     expect = expectations(CHECKS, [], None, None, reference=FOCAL)
     assert expect["profile"] == "assessment" and expect["checks"] == ASSESSMENT_PROFILE
