@@ -29,7 +29,7 @@ from imagefactory.errors import ConfigError, FactoryError
 from imagefactory.matrix import all_secrets
 from imagefactory.packer import Packer
 from imagefactory.publish import publish_record, publishable_records
-from imagefactory.settings import Settings
+from imagefactory.settings import MAX_JOBS, Settings
 from imagefactory.steps import StepLog
 
 SELECTION_HELP = {
@@ -57,6 +57,13 @@ def user_errors(func):
 
 def _settings(c) -> Settings:
     return Settings.from_mapping(dict(c.config.get("factory", {})))
+
+
+def _jobs(jobs: int) -> int | None:
+    """--jobs as given (None: factory.jobs decides), within what a run may start."""
+    if jobs and not 1 <= jobs <= MAX_JOBS:
+        raise ConfigError(f"--jobs: {jobs} (allowed: 1 to {MAX_JOBS})")
+    return jobs or None
 
 
 def _packer(settings: Settings, log: StepLog) -> Packer:
@@ -251,16 +258,22 @@ def _newest_record(settings: Settings, pair) -> Path:
     return found[0]
 
 
-@task(iterable=["image", "provider"], help=PAIR_HELP | {"refresh_base": "rebuild the base"})
+JOBS_HELP = {"jobs": "pairs at once (default: factory.jobs, 1)"}
+
+
+@task(
+    iterable=["image", "provider"],
+    help=PAIR_HELP | {"refresh_base": "rebuild the base"} | JOBS_HELP,
+)
 @user_errors
-def pipeline(c, image=None, provider=None, refresh_base=False):
+def pipeline(c, image=None, provider=None, refresh_base=False, jobs=0):
     """The main job: validate -> base -> build -> certify -> publish (default image on qemu)."""
-    settings = _settings(c)
+    settings, jobs = _settings(c), _jobs(jobs)
     log = StepLog()
     pairs = _pairs(settings, image, provider)
     packer = _packer(settings, log)
     with runs.exclusive(settings.build_dir, "inv pipeline", log):
-        outcomes = pipeline_.run_pipeline(pairs, settings, packer, log, refresh_base)
+        outcomes = pipeline_.run_pipeline(pairs, settings, packer, log, refresh_base, jobs=jobs)
     print(pipeline_.summary_table(outcomes))
     code = pipeline_.exit_code(outcomes)
     if code:
@@ -273,12 +286,13 @@ def pipeline(c, image=None, provider=None, refresh_base=False):
         "image": "image name (repeatable; `all`: every image; default: factory.schedule)",
         "provider": "provider name (repeatable; default: the pairs in factory.schedule)",
         "force": "rebuild even when nothing changed",
-    },
+    }
+    | JOBS_HELP,
 )
 @user_errors
-def rebuild(c, image=None, provider=None, force=False):
+def rebuild(c, image=None, provider=None, force=False, jobs=0):
     """For schedulers: the pipeline, skipping unchanged images; writes reports, notifies."""
-    settings = _settings(c)
+    settings, jobs = _settings(c), _jobs(jobs)
     log = StepLog()
     if image or provider:
         pairs = _pairs(settings, image, provider)
@@ -286,7 +300,7 @@ def rebuild(c, image=None, provider=None, force=False):
         pairs = matrix.scheduled_pairs(settings)
     packer = _packer(settings, log)
     with runs.exclusive(settings.build_dir, "inv rebuild", log):
-        outcomes, report = rebuild_.rebuild(pairs, settings, packer, log, force)
+        outcomes, report = rebuild_.rebuild(pairs, settings, packer, log, force, jobs)
         path = rebuild_.write_reports(report, settings.build_dir / "reports")
     rebuild_.notify(report, settings, log)
     print(pipeline_.summary_table(outcomes))

@@ -14,8 +14,8 @@ from . import parity, records
 from .context import BuildRun, BuiltArtifact
 from .definitions import ImageDefinition
 from .digests import sha256_tree
-from .errors import PackerError
-from .packer import Packer
+from .errors import GuestPanicError, PackerError
+from .packer import Artifact, Packer
 from .providers import Provider
 from .render import render
 from .settings import REPO_ROOT, Settings
@@ -132,9 +132,7 @@ def _build(run: BuildRun, provider: Provider, packer: Packer) -> tuple[Path, rec
                 "report_directory": str(run.work / "report"),
             } | provider.prepare_build(run)
         with log.step("packer build"):
-            artifacts = packer.build(
-                rendered.template, variables, only=[f"{provider.name}.image"], force=True
-            )
+            artifacts = _packer_build(run, provider, packer, rendered.template, variables)
         with log.step("collect"):
             built = provider.collect(run, artifacts)
             facts, manifest_text, reference_text = read_report(run.work / "report")
@@ -142,6 +140,22 @@ def _build(run: BuildRun, provider: Provider, packer: Packer) -> tuple[Path, rec
     timings = {name: seconds for name, seconds in log.timings.items() if name != outer}
     timings["total"] = round(time.monotonic() - started, 3)
     return _record(run, provider, built, rendered.sha256, packer, facts, manifest_text, timings)
+
+
+def _packer_build(
+    run: BuildRun, provider: Provider, packer: Packer, template: Path, variables: dict[str, str]
+) -> list[Artifact]:
+    """Packer's build, stopped at once if its guest's kernel panics. Under TCG that is an
+    emulator race (see providers.booted_overlay): one more attempt, and the record says so."""
+    only = [f"{provider.name}.image"]
+    try:
+        return packer.build(template, variables, only, True, provider.build_watch(run))
+    except GuestPanicError as exc:
+        if variables.get("accelerator") != "tcg":
+            raise
+        run.log.say(f"warning: {exc}; building once more")
+        run.provenance["earlier_builds"] = [f"build 1: {exc}"]
+    return packer.build(template, variables, only, True, provider.build_watch(run))
 
 
 def _record(

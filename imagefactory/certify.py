@@ -224,6 +224,7 @@ def certify_record(
         results=results,
         boot=instance.timings,
         system_state=instance.system_state,
+        earlier_boots=instance.earlier_boots,
     )
     record.certification = certification
     if record.state == "published" and certification.passed:

@@ -107,7 +107,7 @@ def launched(
         started = clock()
         address = _wait_for_address(driver, server_id, LAUNCH_TIMEOUT_S, clock)
         target = SSHTarget(driver.login_user, address, driver.ssh_port, key.private, True)
-        timings, state = wait_until_ready(target, started, BOOT_TIMEOUT_S, lambda: True)
+        timings, state = wait_until_ready(target, started, BOOT_TIMEOUT_S)
         yield Instance(target, [key.public_text], timings, state)
     except BaseException:
         # Destroy, but let the original failure be the one the user sees.

@@ -44,3 +44,4 @@ class Instance:
     allowed_keys: list[str]  # this boot's authorized keys; any other is a hygiene failure
     timings: dict[str, float] = field(default_factory=dict)  # seconds since power-on
     system_state: str = ""  # `systemctl is-system-running` once boot settled
+    earlier_boots: list[str] = field(default_factory=list)  # boots that never came up, and why

@@ -31,3 +31,8 @@ class PackerError(FactoryError):
     """Packer ran and reported failure (or produced no artifact)."""
 
     exit_code = 5
+
+
+class GuestPanicError(PackerError):
+    """The build's guest stopped for good (its kernel panicked): Packer was stopped at once
+    instead of waiting out its SSH timeout."""

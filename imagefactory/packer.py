@@ -9,21 +9,27 @@ lines as they come; ``Packer`` turns them into progress, errors and artifacts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packerpy import PackerExecutable
 
-from .errors import PackerError, ToolMissingError
+from .errors import GuestPanicError, PackerError, ToolMissingError
 from .runner import die_with_parent
 
 LineHandler = Callable[[str], None]
+# Polled while Packer runs: why its guest will never come up, or None while it may.
+GuestWatch = Callable[[], str | None]
+WATCH_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, order=True)
@@ -125,6 +131,8 @@ class StreamingPackerExecutable(PackerExecutable):
         self.env = dict(env)
         self.on_line = on_line
         self.cwd = cwd
+        self.watch: GuestWatch | None = None
+        self.stopped_because: str | None = None  # the watch's reason, when it stopped Packer
 
     @staticmethod
     def _explode_args(**kwargs: object) -> list[str]:
@@ -161,6 +169,8 @@ class StreamingPackerExecutable(PackerExecutable):
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
         collected: list[str] = []
+        if self.watch:
+            threading.Thread(target=self._watch, args=(proc, self.watch), daemon=True).start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -171,6 +181,14 @@ class StreamingPackerExecutable(PackerExecutable):
             _stop_group(proc)
             raise
         return proc.returncode, "".join(collected).encode(), b""
+
+    def _watch(self, proc: subprocess.Popen, watch: GuestWatch) -> None:
+        while proc.poll() is None:
+            if reason := watch():
+                self.stopped_because = reason
+                _stop_group(proc)
+                return
+            time.sleep(WATCH_INTERVAL_S)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -218,12 +236,24 @@ class Packer:
         self.log = log or (lambda _line: None)
         self._version: PackerVersion | None = None
 
+    def logging_to(self, log: LineHandler) -> Packer:
+        """This Packer, its progress lines going to ``log`` (one pair's, in a parallel run)."""
+        other = copy.copy(self)
+        other.log = log
+        return other
+
     def _executable(self, on_line: LineHandler, extra_env: Mapping[str, str] | None = None):
         env = self.env | dict(extra_env or {})
         return StreamingPackerExecutable(self.path, env=env, on_line=on_line)
 
     def _run(
-        self, command: str, template: Path | None, extra_env=None, quiet=False, **kwargs
+        self,
+        command: str,
+        template: Path | None,
+        extra_env=None,
+        quiet=False,
+        watch: GuestWatch | None = None,
+        **kwargs,
     ) -> Outcome:
         lines: list[MachineLine] = []
 
@@ -238,9 +268,14 @@ class Packer:
                         self.log(self.redact(text))
 
         executable = self._executable(on_line, extra_env)
+        executable.watch = watch
         returncode, _, _ = executable.execute_cmd(
             command, str(template) if template else None, **kwargs
         )
+        if executable.stopped_because:
+            raise GuestPanicError(
+                f"{template}: packer {command} stopped: {executable.stopped_because}"
+            )
         return Outcome(returncode=returncode, lines=lines)
 
     def version(self) -> PackerVersion:
@@ -273,13 +308,16 @@ class Packer:
         variables: Mapping[str, str],
         only: list[str] | None = None,
         force: bool = True,
+        watch: GuestWatch | None = None,
     ) -> list[Artifact]:
+        """``watch`` is polled while the build runs; a reason from it stops Packer at once
+        (GuestPanicError) instead of letting it wait out its SSH timeout."""
         kwargs: dict[str, object] = {"var": dict(variables), "color": "false"}
         if force:
             kwargs["force"] = True
         if only:
             kwargs["only"] = only
-        outcome = self._run("build", template, **kwargs)
+        outcome = self._run("build", template, watch=watch, **kwargs)
         if outcome.returncode != 0:
             raise PackerError(f"{template}: packer build failed: {self._summary(outcome)}")
         artifacts = outcome.artifacts()

@@ -4,6 +4,8 @@ that fails anywhere is never published."""
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from .errors import FactoryError
 from .matrix import Pair
 from .packer import Packer
 from .publish import publish_record
+from .runner import die_with_parent
 from .settings import Settings
 from .steps import StepLog
 
@@ -47,8 +50,9 @@ class Outcome:
             self.timings[name] = round(time.monotonic() - started, 1)
 
 
-# A pair's decision before building: None to go ahead, or why it can be skipped.
-SkipCheck = Callable[[Pair], str | None]
+# A pair's decision before building (told the pair's log): None to go ahead, or why it
+# can be skipped.
+SkipCheck = Callable[[Pair, StepLog], str | None]
 
 
 def run_pair(
@@ -65,7 +69,7 @@ def run_pair(
         pair.provider.recover(pair.image, settings, log)
         if skip_check:
             with outcome.stage("decide"):
-                reason = skip_check(pair)
+                reason = skip_check(pair, log)
             if reason:
                 outcome.status, outcome.reason = "skipped", reason
                 log.say(f"{pair.label}: skipped, {reason}")
@@ -114,10 +118,47 @@ def run_pipeline(
     log: StepLog,
     refresh_base: bool = False,
     skip_check: SkipCheck | None = None,
+    jobs: int | None = None,
 ) -> list[Outcome]:
-    """Validate every template first (cheap, catches a broken edit), then each pair."""
+    """Validate every template first (cheap, catches a broken edit), then each pair, up to
+    ``jobs`` of them at once. Each pair has a log (and record timings) of its own."""
     matrix.validate_pairs(settings, pairs, packer, log)
-    return [run_pair(p, settings, packer, log, refresh_base, skip_check) for p in pairs]
+    jobs = jobs or settings.jobs
+    parallel = jobs > 1 and len(pairs) > 1
+
+    def runner(pair: Pair) -> Callable[[], Outcome]:
+        own = log.child(f"[{pair.label}] " if parallel else "")
+        own_packer = packer and packer.logging_to(own.say)  # (tests that fake builds: None)
+        return lambda: run_pair(pair, settings, own_packer, own, refresh_base, skip_check)
+
+    calls = [runner(p) for p in pairs]
+    if not parallel:
+        return [call() for call in calls]
+    log.say(f"{len(pairs)} pairs, {min(jobs, len(pairs))} at a time")
+    return _in_parallel(calls, jobs)
+
+
+# The calls a parallel run's workers make, by index: forked workers inherit them (closures
+# over a Packer and a skip check do not pickle); only the Outcome travels back.
+_CALLS: list[Callable[[], Outcome]] = []
+
+
+def _call(index: int) -> Outcome:
+    return _CALLS[index]()
+
+
+def _in_parallel(calls: list[Callable[[], Outcome]], jobs: int) -> list[Outcome]:
+    """Each call in a forked worker process. Processes, not threads: an interrupted or
+    killed run takes its workers along (PDEATHSIG), and each worker its Packer and QEMU."""
+    _CALLS[:] = calls
+    context = multiprocessing.get_context("fork")
+    workers = min(jobs, len(calls))
+    try:
+        with context.Pool(workers, initializer=die_with_parent(signal.SIGTERM)) as pool:
+            pending = [pool.apply_async(_call, (i,)) for i in range(len(calls))]
+            return [p.get() for p in pending]
+    finally:
+        _CALLS.clear()
 
 
 def exit_code(outcomes: list[Outcome]) -> int:

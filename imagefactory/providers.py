@@ -23,10 +23,10 @@ from .context import BuildRun, BuiltArtifact, Instance
 from .definitions import ImageDefinition, ProviderSettings
 from .digests import sha256_file
 from .errors import ConfigError, PackerError
-from .packer import Artifact
+from .packer import Artifact, GuestWatch
 from .records import Record
 from .settings import Settings
-from .ssh import SSHTarget, wait_until_ready
+from .ssh import GuestStoppedError, SSHTarget, wait_until_ready
 from .steps import StepLog
 
 
@@ -65,6 +65,11 @@ class Provider:
     def prepare_build(self, run: BuildRun) -> dict[str, str]:
         """Provider-specific build-time variables, and the local inputs they point at."""
         return {}
+
+    def build_watch(self, run: BuildRun) -> GuestWatch | None:
+        """What tells, while Packer builds, that its guest will never come up (None: Packer's
+        own timeouts decide). Called before each attempt."""
+        return None
 
     def instance(
         self, record: Record, image: ImageDefinition, work: Path, cache_dir: Path, log: StepLog
@@ -145,6 +150,12 @@ class LocalDiskProvider(Provider):
             "ssh_private_key_file": str(key.private),
             "accelerator": accelerator,
         }
+
+    def build_watch(self, run: BuildRun) -> GuestWatch | None:
+        # The template's serial console (qemu.pkr.hcl.j2); a new one for each attempt.
+        console = run.work / "console.log"
+        console.unlink(missing_ok=True)
+        return qemu.console_watch(console)
 
     def collect(self, run: BuildRun, artifacts: list[Artifact]) -> BuiltArtifact:
         disks = sorted({Path(f) for a in artifacts for f in a.files if f.endswith(".qcow2")})
@@ -239,8 +250,44 @@ def booted_overlay(
     disk: Path, work: Path, cache_dir: Path, log: StepLog, memory_mb: int = 2048, cpus: int = 2
 ) -> Iterator[Instance]:
     """A fresh copy-on-write instance of ``disk``, booted as a cloud would boot it (a new
-    instance id, this boot's key for the default user), ready; gone on exit."""
-    key = nocloud.ephemeral_key(work / "ssh", comment=f"imagefactory-check-{work.name}")
+    instance id, this boot's key for the default user), ready; gone on exit.
+
+    Under TCG a kernel can panic while it patches its own code (an emulator race: measured
+    once in 26.04's kernel 7.0, `Oops: int3` in sched_clock_cpu at 4.7 s); such a boot gets
+    one fresh retry, and the panic stays in the evidence. Under KVM a panic is the image's."""
+    accelerator = qemu.choose_accelerator(disk, cache_dir, log)
+    earlier: list[str] = []
+    while True:
+        attempt = work / f"boot-{len(earlier) + 1}"
+        stack = contextlib.ExitStack()
+        try:
+            instance = _boot(stack, disk, attempt, accelerator, log, memory_mb, cpus)
+        except GuestStoppedError as exc:
+            stack.close()
+            if accelerator != "tcg" or earlier or "panicked" not in exc.reason:
+                raise
+            earlier.append(f"boot {len(earlier) + 1}: {exc.reason}")
+            log.say(f"warning: {exc}; booting a fresh overlay once more")
+            continue
+        except BaseException:
+            stack.close()
+            raise
+        instance.earlier_boots = earlier
+        with stack:
+            yield instance
+        return
+
+
+def _boot(
+    stack: contextlib.ExitStack,
+    disk: Path,
+    work: Path,
+    accelerator: str,
+    log: StepLog,
+    memory_mb: int,
+    cpus: int,
+) -> Instance:
+    key = nocloud.ephemeral_key(work / "ssh", comment=f"imagefactory-check-{work.parent.name}")
     seed = nocloud.write_seed(
         work / "seed",
         instance_id=f"imagefactory-check-{uuid.uuid4()}",
@@ -248,16 +295,15 @@ def booted_overlay(
         user_data=nocloud.instance_user_data(key.public_text),
     )
     iso = qemu.make_seed_iso(seed, work / "seed.iso")
-    accelerator = qemu.choose_accelerator(disk, cache_dir, log)
-    boot = qemu.boot_overlay(disk, work, iso, accelerator, memory_mb, cpus)
-    with log.step("boot a fresh overlay"), boot as vm:
-        target = SSHTarget(INSTANCE_USER, "127.0.0.1", vm.ssh_port, key.private, True)
-        timings, state = wait_until_ready(target, vm.started, BOOT_TIMEOUT_S, vm.alive)
-        log.say(
-            f"ready: ssh {timings['ssh']:.0f} s, cloud-init {timings['cloud_init']:.0f} s, "
-            f"systemd {timings['system_ready']:.0f} s ({state})"
-        )
-        yield Instance(target, [key.public_text], timings, state)
+    stack.enter_context(log.step("boot a fresh overlay"))
+    vm = stack.enter_context(qemu.boot_overlay(disk, work, iso, accelerator, memory_mb, cpus))
+    target = SSHTarget(INSTANCE_USER, "127.0.0.1", vm.ssh_port, key.private, True)
+    timings, state = wait_until_ready(target, vm.started, BOOT_TIMEOUT_S, vm.stopped)
+    log.say(
+        f"ready: ssh {timings['ssh']:.0f} s, cloud-init {timings['cloud_init']:.0f} s, "
+        f"systemd {timings['system_ready']:.0f} s ({state})"
+    )
+    return Instance(target, [key.public_text], timings, state)
 
 
 _FAKE_UUID = "00000000-0000-4000-8000-000000000000"

@@ -6,13 +6,14 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -28,6 +29,9 @@ QEMU_IMG = "qemu-img"
 KVM_BOOT_MARKERS = ("Run /init as init process", "Freeing unused kernel image")
 CACHE_NOTE = "delete accelerator.json in the cache directory to probe again"
 KVM_FAILURE_MARKERS = ("KVM internal error", "kvm run failed", "failed to initialize kvm")
+# The kernel's last words when it stops for good (no panic= on a cloud image's command line:
+# it then hangs, and only the console says so).
+KERNEL_PANIC = re.compile(r"Kernel panic - not syncing: ?([^\r\n]*)")
 
 
 def require(program: str, package: str) -> str:
@@ -164,8 +168,34 @@ class VM:
     def console(self) -> str:
         return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
+    def stopped(self) -> str | None:
+        """Why this guest will never come up (QEMU gone, or the kernel panicked), else None."""
+        return stop_reason(self.process.poll(), self.console())
+
+
+def stop_reason(exit_status: int | None, console: str) -> str | None:
+    if exit_status is not None:
+        return f"QEMU exited (status {exit_status})"
+    return panic_reason(console)
+
+
+def panic_reason(console: str) -> str | None:
+    """ "the kernel panicked (<its reason>)" when the console says so, else None."""
+    if panic := KERNEL_PANIC.search(console):
+        return f"the kernel panicked ({panic.group(1).strip() or 'no reason given'})"
+    return None
+
+
+def console_watch(serial_log: Path) -> Callable[[], str | None]:
+    """Why the guest writing ``serial_log`` will never come up, or None while it may."""
+
+    def watch() -> str | None:
+        try:
+            return panic_reason(serial_log.read_text(errors="replace"))
+        except FileNotFoundError:
+            return None
+
+    return watch
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Scheduled rebuilds: unattended, one at a time, skipping what did not change, leaving a
-JSON and JUnit report behind and optionally telling a webhook."""
+"""Scheduled rebuilds: unattended, factory.jobs pairs at a time, skipping what did not
+change, leaving a JSON and JUnit report behind and optionally telling a webhook."""
 
 from __future__ import annotations
 
@@ -62,12 +62,18 @@ def unchanged_reason(pair: Pair, settings: Settings, log: StepLog) -> str | None
 
 
 def rebuild(
-    pairs: list[Pair], settings: Settings, packer: Packer, log: StepLog, force: bool
+    pairs: list[Pair],
+    settings: Settings,
+    packer: Packer,
+    log: StepLog,
+    force: bool,
+    jobs: int | None = None,
 ) -> tuple[list[Outcome], dict[str, Any]]:
     started, clock = records.now(), time.monotonic()
-    skip = None if force else (lambda pair: unchanged_reason(pair, settings, log))
+    skip = None if force else (lambda pair, own: unchanged_reason(pair, settings, own))
+    jobs = jobs or settings.jobs
     try:
-        outcomes = run_pipeline(pairs, settings, packer, log, skip_check=skip)
+        outcomes = run_pipeline(pairs, settings, packer, log, skip_check=skip, jobs=jobs)
     except FactoryError as exc:  # before any pair ran (e.g. a template no longer validates)
         log.say(f"FAILED: {exc}")
         outcomes = [
@@ -81,6 +87,7 @@ def rebuild(
         "duration_s": round(time.monotonic() - clock, 1),
         "host": platform.node(),
         "force": force,
+        "jobs": jobs,
         "exit_code": exit_code(outcomes),
         "pairs": [asdict(o) for o in outcomes],
     }

@@ -32,6 +32,8 @@ class Provenance(BaseModel):
     # Digest of everything that decides the build (definition, templates, mirror, provider):
     # a scheduled rebuild skips an image whose inputs and archive versions did not move.
     inputs_sha256: str = ""
+    # Builds before this one that were stopped because their guest's kernel panicked (TCG).
+    earlier_builds: list[str] = []
 
 
 class CheckResult(BaseModel):
@@ -56,6 +58,9 @@ class Certification(BaseModel):
     results: list[CheckResult]
     boot: dict[str, float] = {}  # seconds: ssh, cloud_init, system_ready, checks
     system_state: str = ""  # `systemctl is-system-running` after boot
+    # Boots of this artifact before the one checked that never came up, and why (a kernel
+    # panic of the emulator's, retried once under TCG): evidence, not hidden.
+    earlier_boots: list[str] = []
 
 
 class Publication(BaseModel):

@@ -6,6 +6,7 @@ import io
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from .runner import require_tool
 
 class SSHError(FactoryError):
     """The machine could not be reached, or a command on it failed."""
+
+
+class GuestStoppedError(SSHError):
+    """The machine stopped (or its kernel panicked) before SSH came up: waiting is pointless."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,17 @@ class SSHTarget:
     def text(self, command: str, timeout: float = 600) -> str:
         return self.run(command, timeout).stdout.decode(errors="replace").strip()
 
-    def wait_until_reachable(self, timeout: float, still_booting=lambda: True) -> float:
-        """Seconds until `true` ran over SSH; polls against a deadline, not a retry count."""
+    def wait_until_reachable(
+        self, timeout: float, stopped: Callable[[], str | None] = lambda: None
+    ) -> float:
+        """Seconds until `true` ran over SSH; polls against a deadline, not a retry count.
+        ``stopped`` says why the machine will never answer (then this fails at once)."""
         started = time.monotonic()
         deadline = started + timeout
         last = ""
         while time.monotonic() < deadline:
-            if not still_booting():
-                raise SSHError(f"{self.label}: the machine stopped before SSH came up")
+            if reason := stopped():
+                raise GuestStoppedError(f"{self.label}: {reason} before SSH came up", reason)
             try:
                 self.run("true", timeout=30)
                 return time.monotonic() - started
@@ -95,12 +107,15 @@ class SSHTarget:
 
 
 def wait_until_ready(
-    target: SSHTarget, powered_on: float, timeout: float, alive=lambda: True
+    target: SSHTarget,
+    powered_on: float,
+    timeout: float,
+    stopped: Callable[[], str | None] = lambda: None,
 ) -> tuple[dict[str, float], str]:
     """Boot-to-ready timings (seconds since power-on): SSH up, cloud-init done, systemd
     settled; and systemd's state (running, or degraded with failed units)."""
     deadline = powered_on + timeout
-    target.wait_until_reachable(deadline - time.monotonic(), alive)
+    target.wait_until_reachable(deadline - time.monotonic(), stopped)
     timings = {"ssh": round(time.monotonic() - powered_on, 3)}
     remaining = max(deadline - time.monotonic(), 30)
     target.run("cloud-init status --wait >/dev/null", timeout=remaining, check=False)

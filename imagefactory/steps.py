@@ -15,10 +15,17 @@ class StepLog:
     out: TextIO = sys.stderr
     timings: dict[str, float] = field(default_factory=dict)
     _depth: int = 0
+    prefix: str = ""  # names whose line it is when several runs share the output
 
     def say(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
-        print(f"{stamp} {'  ' * self._depth}{message}", file=self.out, flush=True)
+        # One write per line: lines of runs in parallel interleave, never mix.
+        self.out.write(f"{stamp} {self.prefix}{'  ' * self._depth}{message}\n")
+        self.out.flush()
+
+    def child(self, prefix: str = "") -> StepLog:
+        """A log of its own timings (one pair's), at this depth, to the same output."""
+        return StepLog(out=self.out, _depth=self._depth, prefix=self.prefix + prefix)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:

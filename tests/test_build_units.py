@@ -7,13 +7,15 @@ import json
 import re
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from imagefactory import nocloud, records
+from imagefactory import build, nocloud, records
 from imagefactory.build import next_serial, parse_manifest, read_report
-from imagefactory.errors import ConfigError, PackerError
+from imagefactory.errors import ConfigError, GuestPanicError, PackerError
+from imagefactory.steps import StepLog
 
 
 def test_serials_count_up_within_a_day(tmp_path: Path) -> None:
@@ -137,3 +139,42 @@ def test_qemu_build_variables_cover_every_template_variable(
     assert run.provenance["base_image_sha256"] == "0" * 64
     user_data = yaml.safe_load((run.work / "seed" / "user-data").read_text())
     assert user_data["users"] == [] and len(user_data["ssh_authorized_keys"]) == 1
+
+
+class PanickingPacker:
+    """Packer whose first ``panics`` builds were stopped because the guest's kernel panicked."""
+
+    def __init__(self, panics: int) -> None:
+        self.panics, self.calls = panics, 0
+
+    def build(self, template, variables, only, force, watch):
+        self.calls += 1
+        if self.calls <= self.panics:
+            raise GuestPanicError(f"{template}: packer build stopped: the kernel panicked (x)")
+        return ["artifact"]
+
+
+def packer_build(packer: PanickingPacker, accelerator: str):
+    run = SimpleNamespace(log=StepLog(out=io.StringIO()), provenance={})
+    provider = SimpleNamespace(name="qemu", build_watch=lambda run: None)
+    result = build._packer_build(
+        run, provider, packer, Path("t.pkr.hcl"), {"accelerator": accelerator}
+    )
+    return result, run.provenance
+
+
+def test_a_build_whose_guest_panicked_under_tcg_runs_once_more_and_says_so():
+    packer = PanickingPacker(panics=1)
+    artifacts, provenance = packer_build(packer, "tcg")
+    assert artifacts == ["artifact"] and packer.calls == 2
+    assert provenance["earlier_builds"] == [
+        "build 1: t.pkr.hcl: packer build stopped: the kernel panicked (x)"
+    ]
+
+
+@pytest.mark.parametrize(("panics", "accelerator"), [(2, "tcg"), (1, "kvm")])
+def test_a_second_panic_or_one_under_kvm_fails_the_build(panics, accelerator):
+    packer = PanickingPacker(panics)
+    with pytest.raises(GuestPanicError):
+        packer_build(packer, accelerator)
+    assert packer.calls == (2 if accelerator == "tcg" else 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def test_the_next_rebuild_cleans_up_builds_certifies_and_publishes_every_release
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cleaned up after an interrupted run" in result.stderr
     assert "warning: webhook" in result.stderr and fleet.webhook_bodies  # failed, run did not
+    assert f"{len(RELEASES)} pairs, 2 at a time" in result.stderr
+    assert re.search(r"\[ubuntu-26\.04 on qemu\] +<== packer build: done", result.stderr)
     # The killed build left no record; each release has exactly one, published.
     assert sorted((r["image"], r["state"]) for r in fleet.listed) == [
         (image, "published") for image in RELEASES
@@ -70,7 +73,7 @@ def test_the_next_rebuild_cleans_up_builds_certifies_and_publishes_every_release
         product = f"org.imagefactory:strongswan:{RELEASES[row['image']]}:amd64"
         assert list(products[product]["versions"]) == [serial_dir.name]
     report = json.loads((fleet.build_dir / "reports/rebuild-latest.json").read_text())
-    assert report["exit_code"] == 0
+    assert report["exit_code"] == 0 and report["jobs"] == 2
     assert [p["status"] for p in report["pairs"]] == ["published"] * len(RELEASES)
     posted = json.loads(fleet.webhook_bodies[0])["pairs"]
     assert {p["published"] for p in posted} == {r["published"] for r in fleet.listed}

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from imagefactory.errors import PackerError, ToolMissingError
+from imagefactory import packer as packer_module
+from imagefactory import qemu
+from imagefactory.errors import GuestPanicError, PackerError, ToolMissingError
 from imagefactory.packer import MachineLine, Packer, PackerVersion
 
 FAKE = str(Path(__file__).parent / "fakes" / "packer")
@@ -70,6 +73,20 @@ def test_output_streams_before_packer_exits(tmp_path: Path) -> None:
     packer.build(tmp_path / "t.pkr.hcl", {})
     finished = time.monotonic()
     assert seen and finished - seen[0] >= 1.0, "the first line arrived only when Packer exited"
+
+
+def test_a_guest_that_panicked_stops_packer_at_once(tmp_path: Path, monkeypatch) -> None:
+    """Packer 1.6.6 would wait out ssh_timeout (15 min) for a guest whose kernel panicked."""
+    monkeypatch.setattr(packer_module, "WATCH_INTERVAL_S", 0.1)
+    packer, _, _ = fake_packer(tmp_path, "hang")
+    console = tmp_path / "console.log"
+    threading.Timer(
+        0.5, console.write_text, ["Kernel panic - not syncing: Fatal exception"]
+    ).start()
+    started = time.monotonic()
+    with pytest.raises(GuestPanicError, match=r"stopped: the kernel panicked \(Fatal exception\)"):
+        packer.build(tmp_path / "t.pkr.hcl", {}, watch=qemu.console_watch(console))
+    assert time.monotonic() - started < 30
 
 
 def test_exit_zero_without_artifact_is_a_failure(tmp_path: Path) -> None:

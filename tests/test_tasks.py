@@ -120,3 +120,17 @@ def test_an_unknown_bench_stage_names_the_stages(tmp_path: Path) -> None:
     result = run_inv("bench", "--stage", "warp", tmp=tmp_path)
     assert result.returncode == 2
     assert "allowed: matrix, build, boot, pipeline, release" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["rebuild", "--jobs", "17"], {}, "error: --jobs: 17 (allowed: 1 to 16)"),
+        (["pipeline"], {"INVOKE_FACTORY_JOBS": "two"}, "factory.jobs: expected a whole number"),
+    ],
+)
+def test_jobs_out_of_range_is_refused_before_anything_runs(tmp_path, args, env, message):
+    result = run_inv(*args, env=env, tmp=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "build").exists()
