@@ -36,10 +36,11 @@ def session() -> requests.Session:
 
 
 def public_part(url: str) -> str:
-    """The URL without credentials or query (webhook tokens often live there): safe to log."""
+    """Scheme, host and port only: safe to log. Credentials, path and query are where
+    webhook secrets live (Slack's and Discord's are the path itself)."""
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 def post_report(url: str, report: dict[str, Any], log: StepLog) -> bool:

@@ -414,4 +414,11 @@ def get_provider(name: str) -> Provider:
 
 
 def select_providers(names: list[str] | None) -> list[Provider]:
-    return [get_provider(n) for n in names] if names else list(PROVIDERS.values())
+    """The providers named (aliases included), each once, in the order first named."""
+    if not names:
+        return list(PROVIDERS.values())
+    chosen: dict[str, Provider] = {}
+    for name in names:
+        provider = get_provider(name)
+        chosen.setdefault(provider.name, provider)
+    return list(chosen.values())

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -90,8 +91,8 @@ class Settings:
                 f"{source}: factory.webhook_on: {self.webhook_on!r} "
                 f"(allowed: {', '.join(WEBHOOK_WHEN)})"
             )
-        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{source}: factory.webhook_url: not an http(s) URL")
+        if self.webhook_url:
+            _check_webhook_url(source, self.webhook_url)
 
     @property
     def store(self) -> Path:
@@ -111,6 +112,20 @@ class Settings:
 
     def rendered_dir(self, image: str, provider: str) -> Path:
         return self.build_dir / "rendered" / image / provider
+
+
+def _check_webhook_url(source: str, url: str) -> None:
+    # The message never quotes the URL: its path or credentials may be the secret.
+    where = f"{source}: factory.webhook_url"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: not an http(s) URL with a host")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c.isspace() for c in url):
+        raise ConfigError(f"{where}: contains whitespace or control characters")
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+    except ValueError:
+        raise ConfigError(f"{where}: its port is not a number from 1 to 65535") from None
 
 
 def _convert(source: str, name: str, kind: str, value: Any) -> Any:

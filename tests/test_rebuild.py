@@ -209,6 +209,8 @@ def test_a_failing_webhook_only_warns(hook, caplog) -> None:
     assert notify.post_report(url(hook), {"exit_code": 1}, log) is False
     assert "warning: webhook http://127.0.0.1" in said(log) and "HTTP 500" in said(log)
     assert "s3cret" not in said(log) + caplog.text
+    # Only scheme, host and port: a Slack-style webhook's secret is its path.
+    assert "/hook" not in said(log) + caplog.text
     assert len(hook.bodies) == notify.RETRIES + 1
 
 
@@ -255,6 +257,25 @@ def test_a_bad_webhook_setting_is_refused_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "error: invoke.yaml: factory.webhook_on: 'bogus' (allowed: failure, always)"
     )
+
+
+@pytest.mark.parametrize(
+    ("webhook", "problem"),
+    [
+        ("http://hooks.example:99999/T0/B0/s3cret", "its port is not a number from 1 to 65535"),
+        ("http:///T0/B0/s3cret", "not an http(s) URL with a host"),
+        ("ftp://hooks.example/T0/B0/s3cret", "not an http(s) URL with a host"),
+        (
+            "https://hooks.example/T0/B0/s3cret\nX-Injected: 1",
+            "contains whitespace or control characters",
+        ),
+    ],
+)
+def test_a_bad_webhook_url_is_refused_at_load_without_quoting_it(tmp_path, webhook, problem):
+    result = run_inv("rebuild", env={"INVOKE_FACTORY_WEBHOOK_URL": webhook}, tmp=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: invoke.yaml: factory.webhook_url: {problem}"
+    assert not (tmp_path / "build").exists()
 
 
 # --- one run at a time ----------------------------------------------------------------------
@@ -333,6 +354,14 @@ def test_image_all_and_repeated_images_select_each_release_once(settings) -> Non
     ]
     other = dataclasses.replace(settings, default_image="ubuntu-26.04")
     assert matrix.image_names(other, None) == ["ubuntu-26.04"]
+
+
+def test_a_provider_named_twice_by_its_aliases_is_selected_once(settings) -> None:
+    """`-p do -p digitalocean` must not build and publish the same image twice."""
+    pairs = matrix.select_pairs(
+        settings, ["ubuntu-22.04"], ["do", "qemu", "digitalocean", "local", "ec2", "aws"]
+    )
+    assert [p.provider.name for p in pairs] == ["digitalocean", "qemu", "amazon-ebs"]
 
 
 def test_a_default_image_that_is_not_defined_is_refused(tmp_path: Path) -> None:
