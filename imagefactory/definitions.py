@@ -485,11 +485,42 @@ def describe_validation_error(path: Path, error: ValidationError) -> str:
     return f"{path}: " + "; ".join(problems)
 
 
+class DefinitionLoader(yaml.SafeLoader):
+    """YAML as a maintainer writes a definition: no aliases (a few lines of nested ones
+    expand to gigabytes, and nothing here needs them) and no key given twice."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.MarkedYAMLError(
+                problem="aliases (*name) are not allowed in an image definition; "
+                "write the value out",
+                problem_mark=mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.MarkedYAMLError(
+                    problem=f"key {str(key)[:60]!r} is given twice",
+                    problem_mark=key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_image(path: Path) -> ImageDefinition:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=DefinitionLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such image definition") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not an image definition") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,39 @@ def test_malformed_yaml_names_file_and_line(images_copy: Path) -> None:
     path = images_copy / "ubuntu-20.04.yaml"
     path.write_text("name: ubuntu-20.04\nrelease: [20.04\n")
     assert "malformed YAML" in _error(path) and "line 3" in _error(path)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
+
+
+def test_an_alias_bomb_is_refused_at_its_first_alias(images_copy: Path) -> None:
+    path = images_copy / "ubuntu-20.04.yaml"
+    path.write_text(BOMB)  # ~9^9 strings if expanded
+    started = time.monotonic()
+    message = _error(path)
+    assert time.monotonic() - started < 2
+    assert "line 2" in message and "aliases (*name) are not allowed" in message
+    assert len(message) < 300
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(images_copy: Path) -> None:
+    path = images_copy / "ubuntu-20.04.yaml"
+    original = path.read_text()
+    path.write_text(original + "codename: jammy\n")
+    line = original.count("\n") + 1
+    message = _error(path)
+    assert f"line {line}" in message and "key 'codename' is given twice" in message
+
+
+def test_not_utf8_or_a_directory_is_one_line(images_copy: Path) -> None:
+    path = images_copy / "ubuntu-20.04.yaml"
+    path.write_bytes(b'name: ubuntu-20.04\nrelease: "20.04\xff"\n')
+    assert "not UTF-8 text" in _error(path)
+    path.unlink()
+    path.mkdir()
+    assert "is a directory" in _error(path)
 
 
 def test_unknown_key_lists_allowed_keys(images_copy: Path) -> None:
