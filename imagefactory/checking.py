@@ -37,7 +37,8 @@ def certify_latest(
     path = Path(record) if record else latest_record(settings, image, spec.name)
     spec.recover(definition, settings, log)  # check instances a crashed run left behind
     result = certify_record(path, spec, definition, settings.checks_dir, settings.cache_dir, log)
-    return result.state == "certified"
+    # The verdict, not the state: a published image that passes again stays published.
+    return result.certification is not None and result.certification.passed
 
 
 def parse_host(host: str) -> tuple[str, str]:
