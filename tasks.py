@@ -181,10 +181,12 @@ def build(c, image=None, provider="qemu", refresh_base=False, keep_on_error=Fals
 def records(c, json=False):
     """List every artifact with its state, digest and paths."""
     settings = _settings(c)
-    rows = [
-        artifact_records.summary(p, r) for p, r in artifact_records.find_all(settings.build_dir)
-    ]
+    readable, unreadable = artifact_records.scan(settings.build_dir)
+    rows = [artifact_records.summary(p, r) for p, r in readable]
+    rows += [artifact_records.unreadable_summary(p, problem) for p, problem in unreadable]
     print(artifact_records.dumps(rows) if json else artifact_records.table(rows))
+    for path, problem in unreadable:
+        print(f"warning: {path}: {problem}", file=sys.stderr)
 
 
 @task(

@@ -137,9 +137,14 @@ def save(record: Record, path: Path) -> None:
 def load(path: Path) -> Record:
     try:
         return Record.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        what = f"{field}: {error['msg']}" if field else error["msg"]
+        raise ConfigError(f"{path}: unreadable record: {what[:200]}") from None
+    except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: unreadable record: {first}") from None
+        raise ConfigError(f"{path}: unreadable record: {first[:200]}") from None
 
 
 def serial_key(serial: str) -> tuple[int, ...]:
@@ -151,11 +156,39 @@ def records_dir(build_dir: Path) -> Path:
     return build_dir / "artifacts"
 
 
-def find_all(build_dir: Path) -> list[tuple[Path, Record]]:
-    found = []
+def scan(build_dir: Path) -> tuple[list[tuple[Path, Record]], list[tuple[Path, str]]]:
+    """Every record: those that load, and those that do not with why (one bad file must
+    not hide the others)."""
+    found, unreadable = [], []
     for path in sorted(records_dir(build_dir).glob(f"*/*/*/{RECORD_NAME}")):
-        found.append((path, load(path)))
-    return found
+        try:
+            found.append((path, load(path)))
+        except ConfigError as exc:
+            unreadable.append((path, str(exc).removeprefix(f"{path}: ")))
+    return found, unreadable
+
+
+def find_all(build_dir: Path) -> list[tuple[Path, Record]]:
+    """The records that load: an unreadable one is nothing anyone may certify or publish."""
+    return scan(build_dir)[0]
+
+
+def unreadable_summary(path: Path, problem: str) -> dict[str, Any]:
+    """`inv records` row of a record that does not load: where it is, and why."""
+    image, provider, serial = path.parts[-4:-1]
+    return {
+        "image": image,
+        "provider": provider,
+        "serial": serial,
+        "state": "unreadable",
+        "sha256": "",
+        "size": 0,
+        "kernel": "",
+        "artifact": "",
+        "record": str(path),
+        "published": None,
+        "problem": problem,
+    }
 
 
 def summary(path: Path, record: Record) -> dict[str, Any]:
