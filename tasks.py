@@ -13,12 +13,13 @@ import functools
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from imagefactory import bench, checking, matrix, runs
+from imagefactory import bench, checking, matrix, runner, runs
 from imagefactory import build as builder
 from imagefactory import pipeline as pipeline_
 from imagefactory import rebuild as rebuild_
@@ -43,6 +44,9 @@ def user_errors(func):
 
     @functools.wraps(func)
     def wrapper(c, *args, **kwargs):
+        # SIGTERM (systemd, cron, CI) unwinds like Ctrl-C: every cleanup runs (VMs, overlays,
+        # loop devices, keys), then one line and 128 + 15.
+        previous = signal.signal(signal.SIGTERM, runner.raise_terminated)
         try:
             return func(c, *args, **kwargs)
         except FactoryError as exc:
@@ -51,6 +55,10 @@ def user_errors(func):
             raise Exit(f"error: {exc}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
+        except runner.Terminated:
+            raise Exit("terminated", code=143) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .definitions import ImageDefinition, available_images, select_images
 from .errors import ConfigError
-from .packer import Packer, PackerFeatures
+from .packer import Packer, PackerFeatures, stop_running
 from .providers import Provider, select_providers
 from .render import Rendered, render_files, write_atomically
 from .settings import Settings
@@ -124,8 +124,15 @@ def validate_pairs(
             pool.submit(_validate_one, pair, result, packer, Path(scratch), environ)
             for pair, result in zip(pairs, rendered, strict=True)
         ]
-        for pair, future in zip(pairs, futures, strict=True):
-            log.say(f"valid: {pair.label} ({future.result()})")
+        try:
+            for pair, future in zip(pairs, futures, strict=True):
+                log.say(f"valid: {pair.label} ({future.result()})")
+        except BaseException:
+            # An interrupt or a failure stops here: the pairs not yet started never start,
+            # and the ones running are stopped.
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_running()
+            raise
     return rendered
 
 

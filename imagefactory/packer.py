@@ -169,6 +169,8 @@ class StreamingPackerExecutable(PackerExecutable):
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
         collected: list[str] = []
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
         if self.watch:
             threading.Thread(target=self._watch, args=(proc, self.watch), daemon=True).start()
         try:
@@ -180,6 +182,9 @@ class StreamingPackerExecutable(PackerExecutable):
         except BaseException:
             _stop_group(proc)
             raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
         return proc.returncode, "".join(collected).encode(), b""
 
     def _watch(self, proc: subprocess.Popen, watch: GuestWatch) -> None:
@@ -189,6 +194,20 @@ class StreamingPackerExecutable(PackerExecutable):
                 _stop_group(proc)
                 return
             time.sleep(WATCH_INTERVAL_S)
+
+
+# Packer processes running in any thread: an interrupt in the main thread stops them all
+# (`packer validate` runs one per core in worker threads, which signals never reach).
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_running() -> None:
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

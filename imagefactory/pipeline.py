@@ -5,6 +5,7 @@ that fails anywhere is never published."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from .errors import FactoryError
 from .matrix import Pair
 from .packer import Packer
 from .publish import publish_record
-from .runner import die_with_parent
+from .runner import Terminated, die_with_parent, raise_terminated
 from .settings import Settings
 from .steps import StepLog
 
@@ -144,7 +145,15 @@ _CALLS: list[Callable[[], Outcome]] = []
 
 
 def _call(index: int) -> Outcome:
-    return _CALLS[index]()
+    try:
+        return _CALLS[index]()
+    except Terminated:  # the run stops its workers: cleanups ran while unwinding
+        os._exit(143)
+
+
+def _worker_starts() -> None:
+    die_with_parent(signal.SIGTERM)()  # a killed run takes its workers along
+    signal.signal(signal.SIGTERM, raise_terminated)  # and each cleans up as it goes
 
 
 def _in_parallel(calls: list[Callable[[], Outcome]], jobs: int) -> list[Outcome]:
@@ -154,7 +163,7 @@ def _in_parallel(calls: list[Callable[[], Outcome]], jobs: int) -> list[Outcome]
     context = multiprocessing.get_context("fork")
     workers = min(jobs, len(calls))
     try:
-        with context.Pool(workers, initializer=die_with_parent(signal.SIGTERM)) as pool:
+        with context.Pool(workers, initializer=_worker_starts) as pool:
             pending = [pool.apply_async(_call, (i,)) for i in range(len(calls))]
             return [p.get() for p in pending]
     finally:

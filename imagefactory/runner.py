@@ -36,6 +36,14 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls it
 
 
+class Terminated(BaseException):  # like KeyboardInterrupt: not an error
+    """SIGTERM arrived: unwind, cleaning up on the way, as for Ctrl-C."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A preexec_fn: the child gets ``sig`` when we die, even by SIGKILL (Linux).
 

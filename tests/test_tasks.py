@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,7 @@ import yaml
 
 from imagefactory.settings import REPO_ROOT
 
-from .conftest import run_inv
+from .conftest import INV, run_inv
 
 
 def assert_refused(result, code: int, *fragments: str, tmp: Path) -> None:
@@ -134,3 +138,30 @@ def test_jobs_out_of_range_is_refused_before_anything_runs(tmp_path, args, env, 
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "build").exists()
+
+
+def test_sigterm_stops_validate_at_once_cleans_up_and_exits_143(tmp_path: Path):
+    """What systemd, cron and CI send: handled like Ctrl-C, not after every pair finished."""
+    argv = tmp_path / "argv"
+    env = os.environ | {
+        "INVOKE_FACTORY_BUILD_DIR": str(tmp_path / "build"),
+        "INVOKE_FACTORY_PACKER": str(REPO_ROOT / "tests/fakes/packer"),
+        "FAKE_PACKER_SCENARIO": "hang",  # every `packer validate` hangs for 300 s
+        "FAKE_PACKER_ARGV": str(argv),
+        "TMPDIR": str(tmp_path),
+    }
+    run = subprocess.Popen([INV, "validate"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not argv.exists() or '"validate"' not in argv.read_text():
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.2)
+    time.sleep(1)
+    started = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 143 and stderr.decode().strip().endswith("terminated")
+    assert time.monotonic() - started < 30
+    assert list(tmp_path.glob("imagefactory-validate-*")) == []  # its throwaway keys
+    time.sleep(1)
+    found = subprocess.run(["pgrep", "-f", str(tmp_path / "build")], capture_output=True, text=True)
+    assert found.stdout == ""  # no packer validate left running
