@@ -145,28 +145,39 @@ _CALLS: list[Callable[[], Outcome]] = []
 
 
 def _call(index: int) -> Outcome:
+    # Only while a pair runs does SIGTERM unwind it (its cleanups run); an idle worker just
+    # ends when the pool stops it.
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return _CALLS[index]()
-    except Terminated:  # the run stops its workers: cleanups ran while unwinding
+    except Terminated:  # the run is stopping its workers: the cleanups ran while unwinding
         os._exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_starts() -> None:
     die_with_parent(signal.SIGTERM)()  # a killed run takes its workers along
-    signal.signal(signal.SIGTERM, raise_terminated)  # and each cleans up as it goes
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited
 
 
 def _in_parallel(calls: list[Callable[[], Outcome]], jobs: int) -> list[Outcome]:
     """Each call in a forked worker process. Processes, not threads: an interrupted or
     killed run takes its workers along (PDEATHSIG), and each worker its Packer and QEMU."""
     _CALLS[:] = calls
-    context = multiprocessing.get_context("fork")
-    workers = min(jobs, len(calls))
+    pool = multiprocessing.get_context("fork").Pool(
+        min(jobs, len(calls)), initializer=_worker_starts
+    )
     try:
-        with context.Pool(workers, initializer=_worker_starts) as pool:
-            pending = [pool.apply_async(_call, (i,)) for i in range(len(calls))]
-            return [p.get() for p in pending]
+        pending = [pool.apply_async(_call, (i,)) for i in range(len(calls))]
+        outcomes = [p.get() for p in pending]
+        pool.close()
+        return outcomes
+    except BaseException:
+        pool.terminate()
+        raise
     finally:
+        pool.join()
         _CALLS.clear()
 
 

@@ -112,6 +112,46 @@ def test_a_parallel_run_killed_takes_its_workers_along(tmp_path: Path):
     assert alive == []
 
 
+def test_a_parallel_run_terminated_lets_each_worker_clean_up(tmp_path: Path):
+    """SIGTERM (systemd, cron): each worker unwinds through its cleanups, then all exit."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        from pathlib import Path
+        from imagefactory import matrix, pipeline, runner
+        from imagefactory.settings import Settings
+        from imagefactory.steps import StepLog
+
+        def stuck(pair, settings, packer, log, refresh_base, outcome):
+            try:
+                Path({str(tmp_path)!r}, f"worker-{{os.getpid()}}").touch()
+                time.sleep(120)
+            finally:
+                Path({str(tmp_path)!r}, f"cleaned-{{os.getpid()}}").touch()
+
+        pipeline._build_certify_publish = stuck
+        pipeline.matrix.validate_pairs = lambda *args: None
+        signal.signal(signal.SIGTERM, runner.raise_terminated)  # as tasks.py does
+        settings = Settings(build_dir=Path({str(tmp_path)!r}))
+        pairs = matrix.select_pairs(settings, ["ubuntu-20.04", "ubuntu-22.04"], ["qemu"])
+        try:
+            pipeline.run_pipeline(pairs, settings, None, StepLog(), jobs=2)
+        except runner.Terminated:
+            sys.exit(143)
+        """
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while len(workers := list(tmp_path.glob("worker-*"))) < 2:
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 143
+    pids = sorted(w.name.removeprefix("worker-") for w in workers)
+    assert sorted(c.name.removeprefix("cleaned-") for c in tmp_path.glob("cleaned-*")) == pids
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
 def test_jobs_out_of_range_is_one_line_naming_the_setting(tmp_path: Path):
     with pytest.raises(Exception, match=r"factory.jobs: 0 \(allowed: 1 to 16\)"):
         Settings.from_mapping({"jobs": "0"})
