@@ -16,11 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
-PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.-]+\.?(service)?$")
+# Every name pattern is matched whole (fullmatch): `$` would let a trailing newline through,
+# and these values end up in shell scripts, HCL and apt's configuration.
+FINGERPRINT = re.compile(r"[0-9A-F]{40}")
+PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+UNIT_NAME = re.compile(r"[A-Za-z0-9@_.-]+\.?(service)?")
+MASKABLE_UNIT = re.compile(r"[A-Za-z0-9@_.-]+\.(service|timer|socket|mount|path)")
+# A kernel module as modprobe names it; a cloud-init module as cloud.cfg lists it.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CLOUD_INIT_MODULE = re.compile(r"[a-z0-9_]{1,64}")
 # An AppArmor profile as strongSwan's packages name theirs: the confined program's path.
-PROFILE_NAME = re.compile(r"^/[A-Za-z0-9_./+-]+$")
+PROFILE_NAME = re.compile(r"/[A-Za-z0-9_./+-]+")
 
 
 class Strict(BaseModel):
@@ -30,14 +36,14 @@ class Strict(BaseModel):
 def _fingerprints(values: list[str]) -> list[str]:
     normalised = [v.replace(" ", "").upper() for v in values]
     for raw, fpr in zip(values, normalised, strict=True):
-        if not FINGERPRINT.match(fpr):
+        if not FINGERPRINT.fullmatch(fpr):
             raise ValueError(f"{raw!r} is not a full 40-hex-digit OpenPGP fingerprint")
     return normalised
 
 
 def _package_names(values: list[str]) -> list[str]:
     for name in values:
-        if not PACKAGE_NAME.match(name):
+        if not PACKAGE_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a Debian package name")
     return values
 
@@ -78,7 +84,7 @@ class ArchiveBase(Strict):
     @field_validator("disk_size")
     @classmethod
     def _size(cls, value: str) -> str:
-        if not re.match(r"^[1-9][0-9]*[MG]$", value):
+        if not re.fullmatch(r"[1-9][0-9]*[MG]", value):
             raise ValueError(f"{value!r} is not a size like 4G or 3500M")
         return value
 
@@ -231,9 +237,17 @@ class Service(Strict):
     @field_validator("unit")
     @classmethod
     def _unit(cls, value: str) -> str:
-        if not UNIT_NAME.match(value):
+        if not UNIT_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a systemd unit name")
         return value.removesuffix(".service")
+
+    @field_validator("load_modules")
+    @classmethod
+    def _modules(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not MODULE_NAME.fullmatch(value):
+                raise ValueError(f"{value!r} is not a kernel module name like af_key")
+        return values
 
 
 class Boot(Strict):
@@ -250,8 +264,16 @@ class Boot(Strict):
     @classmethod
     def _units(cls, values: list[str]) -> list[str]:
         for value in values:
-            if not re.match(r"^[A-Za-z0-9@_.-]+\.(service|timer|socket|mount|path)$", value):
+            if not MASKABLE_UNIT.fullmatch(value):
                 raise ValueError(f"{value!r} is not a systemd unit name like e2scrub_reap.service")
+        return values
+
+    @field_validator("skip_cloud_init_modules")
+    @classmethod
+    def _cloud_init_modules(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not CLOUD_INIT_MODULE.fullmatch(value):
+                raise ValueError(f"{value!r} is not a cloud-init module name like ubuntu_pro")
         return values
 
 
@@ -302,7 +324,7 @@ class UpdatesCheck(Strict):
     @field_validator("time_sync")
     @classmethod
     def _unit(cls, value: str) -> str:
-        if not UNIT_NAME.match(value):
+        if not UNIT_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a systemd unit name")
         return value.removesuffix(".service")
 
@@ -383,14 +405,14 @@ class ImageDefinition(Strict):
     @field_validator("release")
     @classmethod
     def _release(cls, value: str) -> str:
-        if not re.match(r"^[0-9]{2}\.(04|10)$", value):
+        if not re.fullmatch(r"[0-9]{2}\.(04|10)", value):
             raise ValueError(f"{value!r} is not an Ubuntu release like 20.04")
         return value
 
     @field_validator("name", "codename")
     @classmethod
     def _slug(cls, value: str) -> str:
-        if not re.match(r"^[a-z0-9][a-z0-9.-]*$", value):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", value):
             raise ValueError(f"{value!r} may hold only lowercase letters, digits, '.' and '-'")
         return value
 

@@ -97,6 +97,26 @@ def test_not_utf8_or_a_directory_is_one_line(images_copy: Path) -> None:
     assert "is a directory" in _error(path)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "problem"),
+    [
+        ("service", "load_modules", ["$(touch /tmp/x)"], "is not a kernel module name"),
+        ("service", "load_modules", ["af_key\n"], "is not a kernel module name"),
+        ("boot", "skip_cloud_init_modules", ["$(id)"], "is not a cloud-init module name"),
+        ("boot", "mask_units", ["e2scrub_reap.service\nrm"], "is not a systemd unit name"),
+        ("service", "unit", "strongswan-starter\n", "is not a systemd unit name"),
+        ("packages", "install", ["strongswan\n"], "is not a Debian package name"),
+    ],
+)
+def test_names_that_reach_a_script_are_refused_unless_they_are_names(
+    images_copy: Path, section, key, value, problem
+) -> None:
+    """A trailing newline used to pass the `$` of the name patterns."""
+    path = _mutate(images_copy, lambda d: d[section].__setitem__(key, value))
+    message = _error(path)
+    assert f"{section}.{key}" in message and problem in message
+
+
 def test_unknown_key_lists_allowed_keys(images_copy: Path) -> None:
     path = _mutate(images_copy, lambda d: d["packages"].update(purgee=["snapd"]))
     message = _error(path)
