@@ -8,6 +8,7 @@ output intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -54,6 +55,14 @@ def shell_words(value: str | list[str] | tuple[str, ...]) -> str:
     return shlex.quote(str(value))
 
 
+def hcl_string(value: object) -> str:
+    """A value inside an HCL string literal (the `hcl` filter of the templates): quotes,
+    backslashes and control characters escaped, and `${` / `%{` made literal, so that no
+    value can end the string or reach HCL's templating (`${file(...)}`, `${env(...)}`)."""
+    escaped = json.dumps(str(value), ensure_ascii=False)[1:-1]
+    return escaped.replace("${", "$${").replace("%{", "%%{")
+
+
 def environment(templates_dir: Path) -> jinja2.Environment:
     # Delimiters that cannot collide with Packer's {{ .HTTPIP }} nor HCL's ${ } and [[ ]].
     env = jinja2.Environment(
@@ -71,6 +80,8 @@ def environment(templates_dir: Path) -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["sh"] = shell_words
+    env.filters["hcl"] = hcl_string
+    env.filters["py"] = repr  # a Python literal of the value (for scripts' Python heredocs)
     return env
 
 

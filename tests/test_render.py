@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imagefactory.definitions import load_image
 from imagefactory.errors import RenderError
@@ -117,3 +122,84 @@ def test_rerender_replaces_whole_directory(tmp_path: Path) -> None:
     assert not stale.exists()
     assert len(rendered.sha256) == 64
     assert os.access(destination / "scripts" / "20-purge.sh", os.X_OK)
+
+
+# --- hostile values: the renderers quote for the language they emit ---------------------------
+# The schema refuses anything but names (tests/test_definitions.py); these bypass it
+# (model_copy does not validate) so that the quoting itself is what is tested: the command
+# lines a value reaches (the echo lines and heredocs rely on the schema for now).
+
+# Any text a UTF-8 file can hold (no NUL: no shell can carry one).
+HOSTILE = st.text(
+    st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), min_size=1, max_size=30
+)
+FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def with_section(section: str, **changes) -> object:
+    return FOCAL.model_copy(update={section: getattr(FOCAL, section).model_copy(update=changes)})
+
+
+def scripts_of(image) -> dict[str, str]:
+    files = render_files(image, get_provider("qemu"), TEMPLATES, DEBIAN_PACKER)
+    return {k: v for k, v in files.items() if k.startswith("scripts/")}
+
+
+def words_after(script: str, prefix: str, suffix: str = "") -> list[str]:
+    [line] = [line for line in script.split("\n") if line.startswith(prefix)]
+    return shlex.split(line.removeprefix(prefix).removesuffix(suffix))
+
+
+def bash_accepts(*scripts: str) -> None:
+    for text in scripts:
+        check = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+
+
+@FEW
+@given(HOSTILE)
+def test_any_module_name_is_one_shell_word(value: str) -> None:
+    swan = scripts_of(with_section("service", load_modules=[value]))["scripts/30-strongswan.sh"]
+    bash_accepts(swan)
+    assert words_after(swan, "for module in ", "; do") == [value]
+
+
+@FEW
+@given(HOSTILE, HOSTILE)
+def test_any_package_or_unit_name_is_one_shell_word(package: str, unit: str) -> None:
+    image = with_section("packages", install=[package], purge=[package], pin_away=[package])
+    image = image.model_copy(update={"boot": image.boot.model_copy(update={"mask_units": [unit]})})
+    scripts = scripts_of(image)
+    purge, boot = scripts["scripts/20-purge.sh"], scripts["scripts/40-boot.sh"]
+    bash_accepts(purge, boot, scripts["scripts/30-strongswan.sh"])
+    assert words_after(purge, "for pkg in ", "; do") == [package]
+    assert words_after(boot, "systemctl mask ") == [unit]
+    install = "apt-get -o DPkg::Lock::Timeout=300 -y -q install --no-install-recommends "
+    assert words_after(scripts["scripts/30-strongswan.sh"], install) == [package]
+
+
+HCL_LITERAL = re.compile(r'"((?:[^"\\\n]|\\.)*)"')
+
+
+@FEW
+@given(HOSTILE)
+def test_any_provider_setting_stays_one_hcl_string_without_interpolation(value: str) -> None:
+    do = FOCAL.provider("digitalocean").model_copy(update={"region": value})
+    image = FOCAL.model_copy(
+        update={"providers": FOCAL.providers.model_copy(update={"digitalocean": do})}
+    )
+    template = render_files(image, get_provider("digitalocean"), TEMPLATES, DEBIAN_PACKER)[
+        "template.pkr.hcl"
+    ]
+    [line] = [x for x in template.split("\n") if x.strip().startswith("region ")]
+    literal = line.split("=", 1)[1].strip()
+    assert HCL_LITERAL.fullmatch(literal), line  # one string: no quote or newline escapes it
+    assert (
+        re.search(r"(?<!\$)\$\{|(?<!%)%\{", literal.replace("$${", "").replace("%%{", "")) is None
+    )
+    decoded = json.loads(literal)
+    assert (
+        decoded.replace("$${", "${").replace("%%{", "%{") == value
+        or "$${" in value
+        or "%%{" in value
+    )
