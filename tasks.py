@@ -67,6 +67,13 @@ def _settings(c) -> Settings:
     return Settings.from_mapping(dict(c.config.get("factory", {})))
 
 
+def _port(port: object) -> int:
+    text = "22" if port is None else str(port)
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"--port: {text[:20]!r} (allowed: 1 to 65535)")
+    return int(text)
+
+
 def _jobs(jobs: int) -> int | None:
     """--jobs as given (None: factory.jobs decides), within what a run may start."""
     if jobs and not 1 <= jobs <= MAX_JOBS:
@@ -209,12 +216,12 @@ def records(c, json=False):
     }
 )
 @user_errors
-def check(c, image=None, provider="qemu", record=None, host=None, port=22, key=None):
+def check(c, image=None, provider="qemu", record=None, host=None, port=None, key=None):
     """Certify: boot a fresh instance of the artifact and run checks/ in it (or check --host)."""
     settings = _settings(c)
     log = StepLog()
     if host:
-        passed = checking.check_existing_host(settings, host, int(port), key, image, log)
+        passed = checking.check_existing_host(settings, host, _port(port), key, image, log)
     else:
         with runs.exclusive(settings.build_dir, "inv check", log):
             [name] = _one_image(settings, image)

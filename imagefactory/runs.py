@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import records
-from .errors import FactoryError
+from .errors import ConfigError, FactoryError
 from .steps import StepLog
 
 LOCK_NAME = "run.lock"
@@ -35,7 +35,14 @@ class RunBusy(FactoryError):
 @contextlib.contextmanager
 def exclusive(build_dir: Path, purpose: str, log: StepLog) -> Iterator[None]:
     """Hold the build directory's run lock or fail at once naming its holder; then sweep."""
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        (build_dir / LOCK_NAME).touch()
+    except OSError as exc:
+        raise ConfigError(
+            f"factory.build_dir: {build_dir}: {exc.strerror or exc} (it must be a writable "
+            "directory)"
+        ) from None
     lock = FileLock(build_dir / LOCK_NAME, timeout=0)
     owner = build_dir / f"{LOCK_NAME}.owner"
     try:

@@ -132,10 +132,12 @@ def _convert(source: str, name: str, kind: str, value: Any) -> Any:
     """A setting from YAML or the environment (always a string there) as its field's type."""
     where = f"{source}: factory.{name}"
     if kind == "int":
-        try:
+        # YAML's true and 2.9 are not whole numbers (int() would make them 1 and 2).
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+        raise ConfigError(f"{where}: expected a whole number, got {str(value)[:40]!r}")
     if not isinstance(value, (str, os.PathLike)):
         raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
     return Path(value).expanduser() if kind.startswith("Path") else str(value)

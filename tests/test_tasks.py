@@ -165,3 +165,31 @@ def test_sigterm_stops_validate_at_once_cleans_up_and_exits_143(tmp_path: Path):
     time.sleep(1)
     found = subprocess.run(["pgrep", "-f", str(tmp_path / "build")], capture_output=True, text=True)
     assert found.stdout == ""  # no packer validate left running
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["check", "--host", "u@h", "--port", "abc"], {}, "--port: 'abc' (allowed: 1 to 65535)"),
+        (["records"], {"INVOKE_FACTORY_KEEP": "2.9"}, "factory.keep: expected a whole number"),
+    ],
+)
+def test_a_bad_number_is_one_line(tmp_path, args, env, message):
+    assert_refused(run_inv(*args, env=env, tmp=tmp_path), 2, message, tmp=tmp_path)
+
+
+def test_keep_true_in_invoke_yaml_is_not_a_number(tmp_path):
+    from imagefactory.errors import ConfigError
+    from imagefactory.settings import Settings
+
+    for value in (True, 2.9):
+        with pytest.raises(ConfigError, match=r"factory\.keep: expected a whole number"):
+            Settings.from_mapping({"keep": value})
+
+
+def test_a_build_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    env = {"INVOKE_FACTORY_BUILD_DIR": str(tmp_path / "afile")}
+    result = run_inv("pipeline", env=env, tmp=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: factory.build_dir: {tmp_path / 'afile'}: ")
