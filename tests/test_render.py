@@ -146,8 +146,19 @@ def scripts_of(image) -> dict[str, str]:
 
 
 def words_after(script: str, prefix: str, suffix: str = "") -> list[str]:
-    [line] = [line for line in script.split("\n") if line.startswith(prefix)]
-    return shlex.split(line.removeprefix(prefix).removesuffix(suffix))
+    """The shell words of the one command starting a line with ``prefix`` (a quoted word
+    may span lines: the command ends at the first newline where the quoting is closed)."""
+    assert script.count("\n" + prefix) == 1, prefix
+    start = script.index("\n" + prefix) + 1 + len(prefix)
+    end = script.index("\n", start)
+    while True:
+        text = script[start:end]
+        if text.endswith(suffix):
+            try:
+                return shlex.split(text.removesuffix(suffix))
+            except ValueError:  # inside a quoted word: the command goes on
+                pass
+        end = script.index("\n", end + 1)
 
 
 def bash_accepts(*scripts: str) -> None:
