@@ -8,6 +8,7 @@ an image that was never meant to exist.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,7 @@ from .errors import ConfigError
 FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 UNIT_NAME = re.compile(r"[A-Za-z0-9@_.-]+\.?(service)?")
+ENABLEABLE_UNIT = re.compile(r"[A-Za-z0-9@_.-]+\.(service|timer|socket)")
 MASKABLE_UNIT = re.compile(r"[A-Za-z0-9@_.-]+\.(service|timer|socket|mount|path)")
 # A kernel module as modprobe names it; a cloud-init module as cloud.cfg lists it.
 MODULE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -41,11 +43,19 @@ def _fingerprints(values: list[str]) -> list[str]:
     return normalised
 
 
-def _package_names(values: list[str]) -> list[str]:
-    for name in values:
-        if not PACKAGE_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a Debian package name")
-    return values
+def _each_name(pattern: re.Pattern[str], what: str) -> Callable[[list[str]], list[str]]:
+    """A list validator: every item matches ``pattern`` whole, else '<item> is not <what>'."""
+
+    def check(values: list[str]) -> list[str]:
+        for value in values:
+            if not pattern.fullmatch(value):
+                raise ValueError(f"{value!r} is not {what}")
+        return values
+
+    return check
+
+
+_package_names = _each_name(PACKAGE_NAME, "a Debian package name")
 
 
 # --- sources of the base image --------------------------------------------------------
@@ -71,15 +81,9 @@ class ArchiveBase(Strict):
     _fpr = field_validator("keyring_fingerprints")(_fingerprints)
     _pkgs = field_validator("packages")(_package_names)
 
-    @field_validator("enable_units")
-    @classmethod
-    def _units(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not re.fullmatch(r"[A-Za-z0-9@_.-]+\.(service|timer|socket)", value):
-                raise ValueError(
-                    f"{value!r} is not a systemd unit name like systemd-networkd.service"
-                )
-        return values
+    _units = field_validator("enable_units")(
+        _each_name(ENABLEABLE_UNIT, "a systemd unit name like systemd-networkd.service")
+    )
 
     @field_validator("disk_size")
     @classmethod
@@ -241,13 +245,9 @@ class Service(Strict):
             raise ValueError(f"{value!r} is not a systemd unit name")
         return value.removesuffix(".service")
 
-    @field_validator("load_modules")
-    @classmethod
-    def _modules(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not MODULE_NAME.fullmatch(value):
-                raise ValueError(f"{value!r} is not a kernel module name like af_key")
-        return values
+    _modules = field_validator("load_modules")(
+        _each_name(MODULE_NAME, "a kernel module name like af_key")
+    )
 
 
 class Boot(Strict):
@@ -260,21 +260,12 @@ class Boot(Strict):
     mask_units: list[str] = []
     cloud_init_single_process: bool = False
 
-    @field_validator("mask_units")
-    @classmethod
-    def _units(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not MASKABLE_UNIT.fullmatch(value):
-                raise ValueError(f"{value!r} is not a systemd unit name like e2scrub_reap.service")
-        return values
-
-    @field_validator("skip_cloud_init_modules")
-    @classmethod
-    def _cloud_init_modules(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not CLOUD_INIT_MODULE.fullmatch(value):
-                raise ValueError(f"{value!r} is not a cloud-init module name like ubuntu_pro")
-        return values
+    _units = field_validator("mask_units")(
+        _each_name(MASKABLE_UNIT, "a systemd unit name like e2scrub_reap.service")
+    )
+    _cloud_init_modules = field_validator("skip_cloud_init_modules")(
+        _each_name(CLOUD_INIT_MODULE, "a cloud-init module name like ubuntu_pro")
+    )
 
 
 # The stage units hand their stage to the one process over Unix datagram sockets with it.

@@ -117,6 +117,12 @@ def test_names_that_reach_a_script_are_refused_unless_they_are_names(
     assert f"{section}.{key}" in message and problem in message
 
 
+def test_a_unit_to_enable_must_be_a_unit_name(images_copy: Path) -> None:
+    path = _mutate(images_copy, lambda d: d["base"]["archive"].__setitem__("enable_units", ["x\n"]))
+    message = _error(path)
+    assert "base.archive.enable_units" in message and "is not a systemd unit name like" in message
+
+
 def test_unknown_key_lists_allowed_keys(images_copy: Path) -> None:
     path = _mutate(images_copy, lambda d: d["packages"].update(purgee=["snapd"]))
     message = _error(path)
