@@ -76,6 +76,17 @@ def test_two_jobs_run_two_pairs_at_once_in_workers_prefixed_in_order(
     assert first["window"][0] < second["window"][1] and second["window"][0] < first["window"][1]
 
 
+def start_with_two_workers(script: str, tmp_path: Path) -> tuple[subprocess.Popen, list[Path]]:
+    """Run ``script`` (a two-job run whose workers each touch tmp_path/worker-<pid>) until
+    both workers are busy; the run and their marker files."""
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while len(workers := list(tmp_path.glob("worker-*"))) < 2:
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.1)
+    return run, workers
+
+
 def test_a_parallel_run_killed_takes_its_workers_along(tmp_path: Path):
     """SIGKILL the run (a scheduler's timeout): no worker may go on building on its own."""
     script = textwrap.dedent(
@@ -96,11 +107,7 @@ def test_a_parallel_run_killed_takes_its_workers_along(tmp_path: Path):
         pipeline.run_pipeline(pairs, settings, None, StepLog(), jobs=2)
         """
     )
-    run = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
-    deadline = time.monotonic() + 60
-    while len(workers := list(tmp_path.glob("worker-*"))) < 2:
-        assert time.monotonic() < deadline and run.poll() is None
-        time.sleep(0.1)
+    run, workers = start_with_two_workers(script, tmp_path)
     run.send_signal(signal.SIGKILL)
     run.wait()
     pids = [int(w.name.removeprefix("worker-")) for w in workers]
@@ -140,11 +147,7 @@ def test_a_parallel_run_terminated_lets_each_worker_clean_up(tmp_path: Path):
             sys.exit(143)
         """
     )
-    run = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
-    deadline = time.monotonic() + 60
-    while len(workers := list(tmp_path.glob("worker-*"))) < 2:
-        assert time.monotonic() < deadline and run.poll() is None
-        time.sleep(0.1)
+    run, workers = start_with_two_workers(script, tmp_path)
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=30) == 143
     pids = sorted(w.name.removeprefix("worker-") for w in workers)
