@@ -264,7 +264,7 @@ def booted_overlay(
             instance = _boot(stack, disk, attempt, accelerator, log, memory_mb, cpus)
         except GuestStoppedError as exc:
             stack.close()
-            if accelerator != "tcg" or earlier or "panicked" not in exc.reason:
+            if accelerator != "tcg" or earlier or not exc.reason.startswith(qemu.PANICKED):
                 raise
             earlier.append(f"boot {len(earlier) + 1}: {exc.reason}")
             log.say(f"warning: {exc}; booting a fresh overlay once more")

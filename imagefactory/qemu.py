@@ -32,6 +32,7 @@ KVM_FAILURE_MARKERS = ("KVM internal error", "kvm run failed", "failed to initia
 # The kernel's last words when it stops for good (no panic= on a cloud image's command line:
 # it then hangs, and only the console says so).
 KERNEL_PANIC = re.compile(r"Kernel panic - not syncing: ?([^\r\n]*)")
+PANICKED = "the kernel panicked"  # how a stop reason says so (providers retry on it)
 
 
 def require(program: str, package: str) -> str:
@@ -182,7 +183,7 @@ def stop_reason(exit_status: int | None, console: str) -> str | None:
 def panic_reason(console: str) -> str | None:
     """ "the kernel panicked (<its reason>)" when the console says so, else None."""
     if panic := KERNEL_PANIC.search(console):
-        return f"the kernel panicked ({panic.group(1).strip() or 'no reason given'})"
+        return f"{PANICKED} ({panic.group(1).strip() or 'no reason given'})"
     return None
 
 
